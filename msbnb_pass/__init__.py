@@ -1,0 +1,47 @@
+"""msbnb_pass: bitsandbytes for MindSpore, as a graph-rewrite pass.
+
+The public API is flat and loaded lazily: ``import msbnb_pass`` is cheap and imports MindSpore only
+when a name that needs it is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ._version import __version__
+
+# public name -> module that defines it
+_EXPORTS = {
+    # configs
+    "BitsAndBytesConfig": "config",
+    "QuantConfig": "config",
+    "Int8Config": "config",
+    "Int4Config": "config",
+    # the seed's functional API (MindSpore Tensors)
+    "quantize_8bit": "functional",
+    "dequantize_8bit": "functional",
+    "quantize_4bit": "functional",
+    "dequantize_4bit": "functional",
+    "estimate_quantization_error": "functional",
+    "get_quantization_info": "functional",
+    # the numpy formats (the oracle)
+    "QuantState": "formats",
+}
+
+__all__ = ["__version__", "formats", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "formats":
+        return importlib.import_module(".formats", __name__)
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'msbnb_pass' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
