@@ -27,14 +27,20 @@ _EXPORTS = {
     "get_quantization_info": "functional",
     # the numpy formats (the oracle)
     "QuantState": "formats",
+    # quantized cells
+    "Linear8bit": "nn",
+    "Linear8bitLt": "nn",
+    "Linear4bit": "nn",
 }
 
-__all__ = ["__version__", "formats", *sorted(_EXPORTS)]
+_SUBMODULES = ("formats", "kernels", "nn", "functional", "config")
+
+__all__ = ["__version__", *_SUBMODULES, *sorted(_EXPORTS)]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "formats":
-        return importlib.import_module(".formats", __name__)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'msbnb_pass' has no attribute {name!r}")

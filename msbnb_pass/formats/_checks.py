@@ -8,8 +8,9 @@ VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
 
-def float_array(a, name: str, *, ndim: int | None = None, allow_empty: bool = False) -> np.ndarray:
-    """``a`` as a finite floating-point numpy array, or a TypeError/ValueError naming ``name``."""
+def float_array(a, name: str, *, ndim: int | None = None, allow_empty: bool = False, finite: bool = True) -> np.ndarray:
+    """``a`` as a (finite, unless ``finite=False``) floating-point numpy array, or a TypeError/ValueError
+    naming ``name``."""
     arr = np.asarray(a)
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.floating):
         raise TypeError(f"{name} must be a floating-point array (float16, float32 or float64), got dtype {arr.dtype}")
@@ -21,7 +22,8 @@ def float_array(a, name: str, *, ndim: int | None = None, allow_empty: bool = Fa
         raise ValueError(f"{name} must have at least one dimension, got a scalar")
     if arr.size == 0 and not allow_empty:
         raise ValueError(f"{name} is empty (shape {tuple(arr.shape)}); nothing to quantize")
-    check_finite(arr, name)
+    if finite:
+        check_finite(arr, name)
     return arr
 
 

@@ -12,8 +12,8 @@ _INV_127 = np.float32(7.874015718698502e-3)  # 1/127 as bitsandbytes writes it (
 _INV_127_SQ = np.float32(1.0 / (127.0 * 127.0))
 
 
-def _rows(A, name: str) -> tuple[np.ndarray, tuple[int, ...]]:
-    arr = _checks.float_array(A, name)
+def _rows(A, name: str, allow_empty: bool = False) -> tuple[np.ndarray, tuple[int, ...]]:
+    arr = _checks.float_array(A, name, allow_empty=allow_empty)
     return np.ascontiguousarray(arr, dtype=np.float32).reshape(-1, arr.shape[-1]), tuple(arr.shape)
 
 
@@ -159,7 +159,7 @@ def int8_mixed_matmul(x, CB, SCB, threshold: float = 0.0, bias=None) -> np.ndarr
     """
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0 (0 disables the outlier decomposition), got {threshold}")
-    x2, shape = _rows(x, "x")
+    x2, shape = _rows(x, "x", allow_empty=True)
     CB = np.asarray(CB)
     if CB.dtype != np.int8 or CB.ndim != 2:
         raise TypeError(f"CB must be a 2-D int8 array [out, in], got {CB.dtype} with shape {CB.shape}")

@@ -1,0 +1,293 @@
+// Kernels for x86-64 with AVX-512 (F, BW, VL, DQ) and AVX512-VNNI.
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi,bmi2,popcnt")
+#include <immintrin.h>
+
+#include "msbnb.h"
+
+namespace msbnb {
+namespace isa_avx512 {
+namespace {
+
+const char *const kIsaName = "avx512";
+constexpr int VW = 16;
+constexpr int kFusedRows = 4;
+typedef __m512 VF;
+
+inline VF vzero() { return _mm512_setzero_ps(); }
+inline VF vset1(float v) { return _mm512_set1_ps(v); }
+inline VF vload(const float *p) { return _mm512_loadu_ps(p); }
+inline void vstore(float *p, VF v) { _mm512_storeu_ps(p, v); }
+inline VF vfma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VF vadd(VF a, VF b) { return _mm512_add_ps(a, b); }
+inline VF vsub(VF a, VF b) { return _mm512_sub_ps(a, b); }
+inline VF vmul(VF a, VF b) { return _mm512_mul_ps(a, b); }
+inline float vsum(VF v) { return _mm512_reduce_add_ps(v); }
+inline VF vload_n(const float *p, int n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p); }
+
+struct Lut {
+  __m512 t;
+};
+inline Lut make_lut(const float *code, float s, float off, bool asym) {
+  __m512 c = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(s));
+  if (asym) c = _mm512_add_ps(c, _mm512_set1_ps(off));
+  return Lut{c};
+}
+// 16 codes from 8 bytes, high nibble first: duplicate each byte into two 32-bit lanes, shift the even
+// lanes right by 4; vpermps only looks at the low 4 bits of each index.
+inline VF lut_decode(const Lut &l, const uint8_t *p) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i *>(p));
+  __m512i v = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
+  v = _mm512_srlv_epi32(v, _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4));
+  return _mm512_permutexvar_ps(v, l.t);
+}
+inline VF load_i8(const int8_t *p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))));
+}
+
+// int8 x int8 with VPDPBUSD (unsigned x signed): each weight byte is made unsigned on the fly (w + 128,
+// one xor), the activations stay signed, and every dot product is corrected by 128 * sum(x_q).
+constexpr int64_t I8_STEP = 64;
+constexpr int32_t I8_W_OFFSET = 128;
+
+template <int MR, int NR>
+void i8_micro(const int8_t *x, int64_t ldx, const int8_t *w, int64_t K, int32_t (*acc)[4]) {
+  __m512i a[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) a[i][j] = _mm512_setzero_si512();
+  int64_t k = 0;
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  for (; k + 64 <= K; k += 64) {
+    __m512i xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm512_loadu_si512(x + i * ldx + k);
+    for (int j = 0; j < NR; ++j) {
+      const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + j * K + k), flip);
+      for (int i = 0; i < MR; ++i) a[i][j] = _mm512_dpbusd_epi32(a[i][j], wv, xv[i]);
+    }
+  }
+  if (k < K) {  // tail: masked loads give x = 0 beyond K, so whatever the weight lanes hold adds nothing
+    const __mmask64 m = (K - k) >= 64 ? ~0ull : ((1ull << (K - k)) - 1ull);
+    __m512i xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm512_maskz_loadu_epi8(m, x + i * ldx + k);
+    for (int j = 0; j < NR; ++j) {
+      const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + j * K + k), flip);
+      for (int i = 0; i < MR; ++i) a[i][j] = _mm512_dpbusd_epi32(a[i][j], wv, xv[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_reduce_add_epi32(a[i][j]);
+}
+
+typedef void (*I8Fn)(const int8_t *, int64_t, const int8_t *, int64_t, int32_t (*)[4]);
+const I8Fn kI8[4][4] = {
+    {i8_micro<1, 1>, i8_micro<1, 2>, i8_micro<1, 3>, i8_micro<1, 4>},
+    {i8_micro<2, 1>, i8_micro<2, 2>, i8_micro<2, 3>, i8_micro<2, 4>},
+    {i8_micro<3, 1>, i8_micro<3, 2>, i8_micro<3, 3>, i8_micro<3, 4>},
+    {i8_micro<4, 1>, i8_micro<4, 2>, i8_micro<4, 3>, i8_micro<4, 4>},
+};
+inline void i8_block(const int8_t *x, int64_t ldx, int mr, const int8_t *w, int64_t K, int nr, int32_t (*acc)[4]) {
+  kI8[mr - 1][nr - 1](x, ldx, w, K, acc);
+}
+
+
+// ---- quantizer helpers --------------------------------------------------------------------------------------
+inline __mmask16 nonfinite_mask(__m512 v) {
+  const __m512 a = _mm512_abs_ps(v);
+  return _mm512_cmp_ps_mask(a, _mm512_set1_ps(3.402823466e38f), _CMP_NLE_UQ);  // > FLT_MAX or NaN
+}
+float absmax_n(const float *p, int64_t n, int64_t *bad) {
+  __m512 m = _mm512_setzero_ps();
+  int64_t nb = 0, i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(p + i);
+    nb += __builtin_popcount(nonfinite_mask(v));
+    m = _mm512_max_ps(m, _mm512_abs_ps(v));
+  }
+  if (i < n) {
+    const __mmask16 k = (__mmask16)((1u << (n - i)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(k, p + i);
+    nb += __builtin_popcount(nonfinite_mask(v) & k);
+    m = _mm512_max_ps(m, _mm512_abs_ps(v));
+  }
+  *bad += nb;
+  return _mm512_reduce_max_ps(m);
+}
+void minmax_n(const float *p, int64_t n, float *lo, float *hi, int64_t *bad) {
+  __m512 mn = _mm512_set1_ps(p[0]), mx = mn;
+  int64_t nb = 0, i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(p + i);
+    nb += __builtin_popcount(nonfinite_mask(v));
+    mn = _mm512_min_ps(mn, v);
+    mx = _mm512_max_ps(mx, v);
+  }
+  if (i < n) {
+    const __mmask16 k = (__mmask16)((1u << (n - i)) - 1u);
+    const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(p[0]), k, p + i);
+    nb += __builtin_popcount(nonfinite_mask(v) & k);
+    mn = _mm512_min_ps(mn, v);
+    mx = _mm512_max_ps(mx, v);
+  }
+  *bad += nb;
+  *lo = _mm512_reduce_min_ps(mn);
+  *hi = _mm512_reduce_max_ps(mx);
+}
+// Scale (x - mid) by `factor` (multiply, or divide when `divide`), clamp to [-1, 1], find the nearest code
+// by counting the midpoints below the value (binary lifting over a 16-entry table) and pack 2 per byte.
+void index_pack(const float *p, int64_t n, bool divide, float factor, float mid, const float *bounds,
+                const uint8_t *order, uint8_t *out) {
+  alignas(64) float b16[16];
+  alignas(64) int32_t o16[16];
+  for (int i = 0; i < 15; ++i) b16[i] = bounds[i];
+  b16[15] = __builtin_inff();
+  for (int i = 0; i < 16; ++i) o16[i] = order[i];
+  const __m512 B = _mm512_load_ps(b16), F = _mm512_set1_ps(factor), MID = _mm512_set1_ps(mid);
+  const __m512 one = _mm512_set1_ps(1.f), mone = _mm512_set1_ps(-1.f);
+  const __m512i O = _mm512_load_si512(o16);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 v = _mm512_sub_ps(_mm512_loadu_ps(p + i), MID);
+    v = divide ? _mm512_div_ps(v, F) : _mm512_mul_ps(v, F);
+    v = _mm512_max_ps(_mm512_min_ps(v, one), mone);
+    __m512i c = _mm512_setzero_si512();
+    for (int step = 8; step >= 1; step >>= 1) {
+      const __m512 t = _mm512_permutexvar_ps(_mm512_add_epi32(c, _mm512_set1_epi32(step - 1)), B);
+      c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ), c, _mm512_set1_epi32(step));
+    }
+    const __m512i idx = _mm512_permutexvar_epi32(c, O);
+    const __m128i bytes = _mm512_cvtepi32_epi8(idx);  // i0 i1 i2 ... i15
+    const __m128i pairs = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(bytes, _mm_set1_epi16(0xFF)), 4),
+                                       _mm_srli_epi16(bytes, 8));
+    _mm_storel_epi64(reinterpret_cast<__m128i *>(out + i / 2), _mm_packus_epi16(pairs, pairs));
+  }
+  for (; i < n; i += 2) {
+    uint8_t q[2];
+    for (int j = 0; j < 2; ++j) {
+      float v = p[i + j] - mid;
+      v = divide ? v / factor : v * factor;
+      v = v > 1.f ? 1.f : (v < -1.f ? -1.f : v);
+      int c = 0;
+      for (int b = 0; b < 15; ++b) c += v > bounds[b];
+      q[j] = order[c];
+    }
+    out[i / 2] = (uint8_t)((q[0] << 4) | q[1]);
+  }
+}
+
+}  // namespace
+
+#include "impl_common.inc"
+
+namespace {
+
+// ---- 4-bit GEMV/small-M by nibble planes ------------------------------------------------------------------------
+// 64 packed bytes hold 128 codes; viewed as 16 dwords, shifting every dword right by 4*s puts, for each s in
+// 0..7, one code into the low 4 bits of every lane, and vpermps (which reads only those 4 bits) turns the
+// lanes into code values: 8 shifts + 8 permutes decode 128 weights. Lane j of plane s is weight
+// 8*j + kPlanePos[s] of the chunk, so the activations are permuted once per call to match. The code table
+// stays unscaled; each chunk's partial sums are multiplied by the absmax of the block each lane lies in.
+const int kPlanePos[8] = {1, 0, 3, 2, 5, 4, 7, 6};
+
+// The absmax of every block of rows [n, n + R): decoded once per row (double quantization) so the chunk loop
+// only broadcasts them.
+template <int R>
+inline void row_scales(const W4 &w, const int64_t *first_block, int64_t bpr, float *out) {
+  for (int r = 0; r < R; ++r) {
+    float *o = out + r * bpr;
+    const int64_t b0 = first_block[r];
+    if (w.absmax) {
+      for (int64_t i = 0; i < bpr; ++i) o[i] = w.absmax[b0 + i];
+    } else {
+      for (int64_t i = 0; i < bpr; ++i) o[i] = w.scale(b0 + i);
+    }
+  }
+}
+
+template <int M, int R>
+void planes_rows(const float *xp, const W4 &w, int64_t n0, int64_t n1, const float *bias, float *y) {
+  const int64_t K = w.K, nchunks = K / 128, bs = w.bs, bpr = K / bs;
+  const __m512 lut = _mm512_loadu_ps(w.code);
+  const __mmask16 hi8 = 0xFF00;
+  const __m512i quarter = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  int chunk_shift = 0;  // bs > 128: chunks per block = bs / 128 (a power of two)
+  while ((int64_t(128) << chunk_shift) < bs) ++chunk_shift;
+  float *scales = static_cast<float *>(scratch(0, sizeof(float) * (size_t)(R * bpr + 16)));
+  for (int64_t n = n0; n < n1; n += R) {
+    const int rc = (int)imin(R, n1 - n);
+    const uint8_t *rows[R];
+    int64_t first_block[R];
+    for (int r = 0; r < R; ++r) {
+      const int64_t nn = n + (r < rc ? r : 0);
+      rows[r] = w.packed + nn * (K / 2);
+      first_block[r] = nn * bpr;
+    }
+    row_scales<R>(w, first_block, bpr, scales);
+    __m512 acc[M][R];
+    for (int i = 0; i < M; ++i)
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nchunks; ++c) {
+      __m512i v[R];
+      for (int r = 0; r < R; ++r) v[r] = _mm512_loadu_si512(rows[r] + c * 64);
+      __m512 part[M][R];
+      for (int i = 0; i < M; ++i)
+        for (int r = 0; r < R; ++r) part[i][r] = _mm512_setzero_ps();
+      const float *xc = xp + c * 128;
+      for (int s = 0; s < 8; ++s) {
+        __m512 xv[M];
+        for (int i = 0; i < M; ++i) xv[i] = _mm512_loadu_ps(xc + i * K + s * 16);
+        for (int r = 0; r < R; ++r) {
+          const __m512 wv = _mm512_permutexvar_ps(_mm512_srli_epi32(v[r], 4 * s), lut);
+          for (int i = 0; i < M; ++i) part[i][r] = _mm512_fmadd_ps(wv, xv[i], part[i][r]);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const float *sc = scales + r * bpr;
+        __m512 sv;
+        if (bs >= 128) {
+          sv = _mm512_set1_ps(sc[c >> chunk_shift]);
+        } else if (bs == 64) {
+          sv = _mm512_mask_blend_ps(hi8, _mm512_set1_ps(sc[2 * c]), _mm512_set1_ps(sc[2 * c + 1]));
+        } else {  // 32: four blocks of four lanes
+          sv = _mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(_mm_loadu_ps(sc + 4 * c)));
+        }
+        for (int i = 0; i < M; ++i) acc[i][r] = _mm512_fmadd_ps(part[i][r], sv, acc[i][r]);
+      }
+    }
+    for (int i = 0; i < M; ++i)
+      for (int r = 0; r < rc; ++r) y[i * w.N + n + r] = _mm512_reduce_add_ps(acc[i][r]) + (bias ? bias[n + r] : 0.f);
+  }
+}
+
+template <int M, int R>
+void planes(const float *xp, const W4 &w, const float *bias, float *y) {
+  const int64_t per_task = imax(R, round_up(ceil_div(w.N, 16 * num_threads()), R));
+  parallel_tasks(ceil_div(w.N, per_task), [&](int64_t t) {
+    const int64_t n0 = t * per_task;
+    planes_rows<M, R>(xp, w, n0, imin(w.N, n0 + per_task), bias, y);
+  });
+}
+
+bool fast_linear4bit(const float *x, int64_t M, const W4 &w, const float *bias, float *y) {
+  const bool pow2 = (w.bs & (w.bs - 1)) == 0;
+  if (M < 1 || M > 4 || w.N < 1 || w.block_offset || w.K % 128 || !pow2 || w.bs < 32 || w.K % w.bs) return false;
+  const int64_t K = w.K;
+  float *xp = static_cast<float *>(scratch(2, sizeof(float) * (size_t)(M * K)));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < K; c += 128)
+      for (int s = 0; s < 8; ++s)
+        for (int j = 0; j < 16; ++j) xp[m * K + c + s * 16 + j] = x[m * K + c + 8 * j + kPlanePos[s]];
+  switch (M) {
+    case 1: planes<1, 4>(xp, w, bias, y); break;
+    case 2: planes<2, 4>(xp, w, bias, y); break;
+    case 3: planes<3, 2>(xp, w, bias, y); break;
+    default: planes<4, 2>(xp, w, bias, y); break;
+  }
+  return true;
+}
+
+}  // namespace
+
+}  // namespace isa_avx512
+
+const KernelTable kTableAvx512 = isa_avx512::kTable;
+
+}  // namespace msbnb

@@ -1,0 +1,153 @@
+// Portable C++ kernels (any CPU): plain loops over 8-float groups that compilers vectorise for the
+// baseline instruction set.
+#include "msbnb.h"
+
+namespace msbnb {
+namespace isa_portable {
+namespace {
+
+const char *const kIsaName = "portable";
+constexpr int VW = 8;
+constexpr int kFusedRows = 2;
+struct VF {
+  float v[VW];
+};
+
+inline VF vzero() {
+  VF r;
+  for (int i = 0; i < VW; ++i) r.v[i] = 0.f;
+  return r;
+}
+inline VF vset1(float x) {
+  VF r;
+  for (int i = 0; i < VW; ++i) r.v[i] = x;
+  return r;
+}
+inline VF vload(const float *p) {
+  VF r;
+  for (int i = 0; i < VW; ++i) r.v[i] = p[i];
+  return r;
+}
+inline void vstore(float *p, VF a) {
+  for (int i = 0; i < VW; ++i) p[i] = a.v[i];
+}
+inline VF vfma(VF a, VF b, VF c) {
+  for (int i = 0; i < VW; ++i) c.v[i] += a.v[i] * b.v[i];
+  return c;
+}
+inline VF vadd(VF a, VF b) {
+  for (int i = 0; i < VW; ++i) a.v[i] += b.v[i];
+  return a;
+}
+inline VF vsub(VF a, VF b) {
+  for (int i = 0; i < VW; ++i) a.v[i] -= b.v[i];
+  return a;
+}
+inline VF vmul(VF a, VF b) {
+  for (int i = 0; i < VW; ++i) a.v[i] *= b.v[i];
+  return a;
+}
+inline float vsum(VF a) {
+  float s = 0.f;
+  for (int i = 0; i < VW; ++i) s += a.v[i];
+  return s;
+}
+inline VF vload_n(const float *p, int n) {
+  VF r = vzero();
+  for (int i = 0; i < n; ++i) r.v[i] = p[i];
+  return r;
+}
+
+struct Lut {
+  float t[16];
+};
+inline Lut make_lut(const float *code, float s, float off, bool asym) {
+  Lut l;
+  for (int i = 0; i < 16; ++i) {
+    float v = code[i] * s;
+    if (asym) v = v + off;
+    l.t[i] = v;
+  }
+  return l;
+}
+inline VF lut_decode(const Lut &l, const uint8_t *p) {
+  VF r;
+  for (int i = 0; i < VW / 2; ++i) {
+    r.v[2 * i] = l.t[p[i] >> 4];
+    r.v[2 * i + 1] = l.t[p[i] & 0x0F];
+  }
+  return r;
+}
+inline VF load_i8(const int8_t *p) {
+  VF r;
+  for (int i = 0; i < VW; ++i) r.v[i] = (float)p[i];
+  return r;
+}
+
+constexpr int64_t I8_STEP = 8;
+constexpr int32_t I8_W_OFFSET = 0;
+inline void i8_block(const int8_t *x, int64_t ldx, int mr, const int8_t *w, int64_t K, int nr, int32_t (*acc)[4]) {
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; ++j) {
+      int32_t s = 0;
+      const int8_t *xr = x + i * ldx, *wr = w + j * K;
+      for (int64_t k = 0; k < K; ++k) s += (int32_t)xr[k] * (int32_t)wr[k];
+      acc[i][j] = s;
+    }
+}
+
+
+// ---- quantizer helpers --------------------------------------------------------------------------------------
+inline bool nonfinite(float v) { return !(v - v == 0.f); }
+float absmax_n(const float *p, int64_t n, int64_t *bad) {
+  float m = 0.f;
+  int64_t nb = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = p[i] < 0 ? -p[i] : p[i];
+    nb += nonfinite(p[i]);
+    m = a > m ? a : m;
+  }
+  *bad += nb;
+  return m;
+}
+void minmax_n(const float *p, int64_t n, float *lo, float *hi, int64_t *bad) {
+  float mn = p[0], mx = p[0];
+  int64_t nb = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    nb += nonfinite(p[i]);
+    mn = p[i] < mn ? p[i] : mn;
+    mx = p[i] > mx ? p[i] : mx;
+  }
+  *bad += nb;
+  *lo = mn;
+  *hi = mx;
+}
+void index_pack(const float *p, int64_t n, bool divide, float factor, float mid, const float *bounds,
+                const uint8_t *order, uint8_t *out) {
+  for (int64_t i = 0; i < n; i += 2) {
+    uint8_t q[2];
+    for (int j = 0; j < 2; ++j) {
+      float v = p[i + j] - mid;
+      v = divide ? v / factor : v * factor;
+      v = v > 1.f ? 1.f : (v < -1.f ? -1.f : v);
+      int c = 0;
+      for (int b = 0; b < 15; ++b) c += v > bounds[b];
+      q[j] = order[c];
+    }
+    out[i / 2] = (uint8_t)((q[0] << 4) | q[1]);
+  }
+}
+
+}  // namespace
+
+#include "impl_common.inc"
+
+namespace {
+bool fast_linear4bit(const float *, int64_t, const W4 &, const float *, float *) { return false; }
+}  // namespace
+
+}  // namespace isa_portable
+
+const KernelTable kTablePortable = isa_portable::kTable;
+
+}  // namespace msbnb

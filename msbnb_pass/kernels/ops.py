@@ -1,0 +1,361 @@
+"""The quantized matmul ops as small MindSpore Cells, one per (op, backend).
+
+Backend "cpu" runs the fused C++ kernels as ``ops.Custom(func_type="aot")`` (with C++ shape inference,
+so dynamic shapes work in graph mode, and a bprop that computes the input gradient with the dx kernels).
+Backend "reference" dequantizes with MindSpore ops and calls MatMul: correct everywhere the library is
+missing, and the oracle the fused kernels are tested against.
+
+Every op cell has ``construct(x, <weight tensors>, bias)`` with the weight tensors in the order the
+quantized layers keep them; the layer's static layout (sizes, block sizes, flags) is fixed at
+construction. Nothing here runs numpy inside ``construct``.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+from mindspore.ops import CustomRegOp, DataType
+
+from . import _lib
+
+FLAG_NESTED, FLAG_ASYM, FLAG_BIAS = 1, 2, 4
+# the primitive, not ops.zeros_like: the functional form fails inside a Cell bprop in GRAPH_MODE
+_zeros_like = ops.ZerosLike()
+
+
+# ---- registry --------------------------------------------------------------------------------------------
+_KERNELS: dict[str, dict[str, type[nn.Cell]]] = {}
+
+
+def register_kernel(op: str, backend: str):
+    """Class decorator: register an op Cell as the implementation of ``op`` on ``backend``."""
+
+    def wrap(cls: type[nn.Cell]) -> type[nn.Cell]:
+        _KERNELS.setdefault(op, {})[backend] = cls
+        return cls
+
+    return wrap
+
+
+def kernel_class(op: str, backend: str) -> type[nn.Cell]:
+    impls = _KERNELS.get(op)
+    if impls is None:
+        raise KeyError(f"unknown kernel op {op!r}; known: {sorted(_KERNELS)}")
+    if backend not in impls:
+        raise KeyError(f"op {op!r} has no {backend!r} implementation; available: {sorted(impls)}")
+    return impls[backend]
+
+
+def registered_kernels() -> dict[str, list[str]]:
+    return {op: sorted(impls) for op, impls in _KERNELS.items()}
+
+
+# ---- aot op construction -----------------------------------------------------------------------------------
+def _path() -> str:
+    path = _lib.library_path()
+    if path is None or not _lib.available():
+        raise RuntimeError("the 'cpu' backend needs the msbnb_pass kernel library, which is not available")
+    return str(path)
+
+
+def _reg(name: str, inputs: list[str], formats: list[tuple]) -> dict:
+    reg = CustomRegOp(name)
+    for i, n in enumerate(inputs):
+        reg = reg.input(i, n)
+    reg = reg.output(0, "y")
+    for fmt in formats:
+        reg = reg.dtype_format(*fmt)
+    return reg.target("CPU").get_op_info()
+
+
+def _same_dtype(x, *_):
+    return x
+
+
+F32, F16, U8, I8, I64 = (
+    DataType.F32_Default,
+    DataType.F16_Default,
+    DataType.U8_Default,
+    DataType.I8_Default,
+    DataType.I64_Default,
+)
+_W4_INPUTS = ["packed", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset", "block_offset"]
+
+
+def _w4_formats(dx: bool) -> list[tuple]:
+    """dtype rows: forward (x, weights..., bias, meta) -> y; dx (dy, weights..., meta, x) -> dx."""
+    rows = []
+    for act in (F32, F16):
+        for absmax in (F32, U8):
+            weights = (U8, absmax, F32, F32, F32, F32, F32)
+            rows.append((act, *weights, I64, act, act) if dx else (act, *weights, F32, I64, act))
+    return rows
+
+
+@cache
+def _linear4bit_dx_op():
+    inputs = ["dy", *_W4_INPUTS, "meta", "x"]
+    return ops.Custom(
+        f"{_path()}:MsbnbLinear4bitDx",
+        out_shape=None,
+        out_dtype=lambda dy, *rest: rest[-1],
+        func_type="aot",
+        reg_info=_reg("MsbnbLinear4bitDx", inputs, _w4_formats(dx=True)),
+    )
+
+
+def _sum_rows(dout):
+    return dout.reshape((-1, dout.shape[-1])).sum(axis=0)
+
+
+def _bprop_linear4bit(x, packed, absmax, code, nabs, ncode, noff, boff, bias, meta, out, dout):
+    dx = _linear4bit_dx_op()(dout, packed, absmax, code, nabs, ncode, noff, boff, meta, x)
+    return (
+        dx,
+        _zeros_like(packed),
+        _zeros_like(absmax),
+        _zeros_like(code),
+        _zeros_like(nabs),
+        _zeros_like(ncode),
+        _zeros_like(noff),
+        _zeros_like(boff),
+        ops.cast(_sum_rows(dout), bias.dtype),
+        _zeros_like(meta),
+    )
+
+
+@cache
+def _linear4bit_op():
+    inputs = ["x", *_W4_INPUTS, "bias", "meta"]
+    return ops.Custom(
+        f"{_path()}:MsbnbLinear4bit",
+        out_shape=None,
+        out_dtype=_same_dtype,
+        func_type="aot",
+        bprop=_bprop_linear4bit,
+        reg_info=_reg("MsbnbLinear4bit", inputs, _w4_formats(dx=False)),
+    )
+
+
+@cache
+def _linear8bit_dx_op():
+    formats = [(act, I8, F32, F32, I64, act, act) for act in (F32, F16)]
+    return ops.Custom(
+        f"{_path()}:MsbnbLinear8bitDx",
+        out_shape=None,
+        out_dtype=lambda dy, *rest: rest[-1],
+        func_type="aot",
+        reg_info=_reg("MsbnbLinear8bitDx", ["dy", "q", "scale", "offset", "meta", "x"], formats),
+    )
+
+
+def _bprop_linear8bit(x, q, scale, offset, bias, meta, out, dout):
+    dx = _linear8bit_dx_op()(dout, q, scale, offset, meta, x)
+    return (
+        dx,
+        _zeros_like(q),
+        _zeros_like(scale),
+        _zeros_like(offset),
+        ops.cast(_sum_rows(dout), bias.dtype),
+        _zeros_like(meta),
+    )
+
+
+@cache
+def _linear8bit_op():
+    formats = [(act, I8, F32, F32, F32, I64, act) for act in (F32, F16)]
+    return ops.Custom(
+        f"{_path()}:MsbnbLinear8bit",
+        out_shape=None,
+        out_dtype=_same_dtype,
+        func_type="aot",
+        bprop=_bprop_linear8bit,
+        reg_info=_reg("MsbnbLinear8bit", ["x", "q", "scale", "offset", "bias", "meta"], formats),
+    )
+
+
+def _bprop_llm_int8(x, cb, scb, bias, meta, out, dout):
+    # bitsandbytes' backward for a frozen int8 weight: dx = dy @ (CB * SCB / 127)
+    scale = scb * 7.874015718698502e-3
+    dx = _linear8bit_dx_op()(dout, cb, scale, scale, ops.zeros((1,), ms.int64), x)
+    return (
+        dx,
+        _zeros_like(cb),
+        _zeros_like(scb),
+        ops.cast(_sum_rows(dout), bias.dtype),
+        _zeros_like(meta),
+    )
+
+
+@cache
+def _llm_int8_op():
+    formats = [(act, I8, F32, F32, F32, act) for act in (F32, F16)]
+    return ops.Custom(
+        f"{_path()}:MsbnbLlmInt8",
+        out_shape=None,
+        out_dtype=_same_dtype,
+        func_type="aot",
+        bprop=_bprop_llm_int8,
+        reg_info=_reg("MsbnbLlmInt8", ["x", "cb", "scb", "bias", "meta"], formats),
+    )
+
+
+# ---- op cells ---------------------------------------------------------------------------------------------
+class _Linear4bitBase(nn.Cell):
+    """y = x @ dequant(W)^T + bias for a 4-bit weight [out, in] in bitsandbytes' flat layout."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        blocksize: int,
+        nested: bool,
+        nested_blocksize: int = 256,
+        asymmetric: bool = False,
+        has_bias: bool = True,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.blocksize, self.nested_blocksize = int(blocksize), int(nested_blocksize)
+        self.nested, self.asymmetric, self.has_bias = bool(nested), bool(asymmetric), bool(has_bias)
+        flags = (FLAG_NESTED if nested else 0) | (FLAG_ASYM if asymmetric else 0) | (FLAG_BIAS if has_bias else 0)
+        self.meta = Tensor(np.array([self.in_features, self.blocksize, self.nested_blocksize, flags], np.int64))
+
+
+@register_kernel("linear4bit", "cpu")
+class FusedLinear4bit(_Linear4bitBase):
+    """The fused dequantize-matmul C++ kernel (codes decoded in registers, no dequantized copy)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.op = _linear4bit_op()
+
+    def construct(self, x, packed, absmax, code, nested_absmax, nested_code, nested_offset, block_offset, bias):
+        return self.op(
+            x, packed, absmax, code, nested_absmax, nested_code, nested_offset, block_offset, bias, self.meta
+        )
+
+
+@register_kernel("linear4bit", "reference")
+class ReferenceLinear4bit(_Linear4bitBase):
+    """Dequantize with MindSpore ops, then MatMul."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        n = self.in_features * self.out_features
+        self.numel = n
+        self.n_blocks = -(-n // self.blocksize)
+
+    def construct(self, x, packed, absmax, code, nested_absmax, nested_code, nested_offset, block_offset, bias):
+        p = ops.cast(packed.reshape((-1,)), ms.int32)
+        idx = ops.stack((ops.bitwise_right_shift(p, 4), ops.bitwise_and(p, 15)), axis=1).reshape((-1,))
+        values = ops.gather(code, idx[: self.numel], 0)
+        if self.nested:
+            nested_scale = ops.repeat_interleave(nested_absmax, self.nested_blocksize, 0)[: self.n_blocks]
+            scale = ops.gather(nested_code, ops.cast(absmax, ms.int32), 0) * nested_scale + nested_offset
+        else:
+            scale = absmax
+        pad = self.n_blocks * self.blocksize - self.numel
+        if pad:
+            values = ops.concat((values, ops.zeros((pad,), ms.float32)))
+        w = values.reshape((self.n_blocks, self.blocksize)) * scale.reshape((-1, 1))
+        if self.asymmetric:
+            w = w + block_offset.reshape((-1, 1))
+        w = w.reshape((-1,))[: self.numel].reshape((self.out_features, self.in_features))
+        y = ops.matmul(ops.cast(x, ms.float32), w.T)
+        if self.has_bias:
+            y = y + bias
+        return ops.cast(y, x.dtype)
+
+
+class _Linear8bitBase(nn.Cell):
+    """y = x @ ((q - offset) * scale)^T + bias for an int8 weight [out, in]."""
+
+    def __init__(self, in_features: int, out_features: int, asymmetric: bool = False, has_bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.asymmetric, self.has_bias = bool(asymmetric), bool(has_bias)
+        self.meta = Tensor(np.array([(1 if asymmetric else 0) | (2 if has_bias else 0)], np.int64))
+
+
+@register_kernel("linear8bit", "cpu")
+class FusedLinear8bit(_Linear8bitBase):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.op = _linear8bit_op()
+
+    def construct(self, x, q, scale, offset, bias):
+        return self.op(x, q, scale, offset, bias, self.meta)
+
+
+@register_kernel("linear8bit", "reference")
+class ReferenceLinear8bit(_Linear8bitBase):
+    def construct(self, x, q, scale, offset, bias):
+        w = ops.cast(q, ms.float32)
+        if self.asymmetric:
+            w = w - offset.reshape((-1, 1))
+        w = w * scale.reshape((-1, 1))
+        y = ops.matmul(ops.cast(x, ms.float32), w.T)
+        if self.has_bias:
+            y = y + bias
+        return ops.cast(y, x.dtype)
+
+
+class _LlmInt8Base(nn.Cell):
+    """LLM.int8(): int8 activations x int8 weights, outlier input columns (|x| >= threshold) in float."""
+
+    def __init__(self, in_features: int, out_features: int, threshold: float, has_bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.threshold, self.has_bias = float(threshold), bool(has_bias)
+        self.meta = Tensor(np.array([self.threshold, 1.0 if has_bias else 0.0], np.float32))
+
+
+@register_kernel("llm_int8", "cpu")
+class FusedLlmInt8(_LlmInt8Base):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.op = _llm_int8_op()
+
+    def construct(self, x, cb, scb, bias):
+        return self.op(x, cb, scb, bias, self.meta)
+
+
+@register_kernel("llm_int8", "reference")
+class ReferenceLlmInt8(_LlmInt8Base):
+    """The decomposition with MindSpore ops; the int8 products are summed exactly in float64. Its bprop
+    is bitsandbytes' (dx = dy @ dequant(CB)): autodiff through the rounding would give zero."""
+
+    def construct(self, x, cb, scb, bias):
+        shape = x.shape
+        x2 = ops.cast(x, ms.float32).reshape((-1, self.in_features))
+        w = ops.cast(cb, ms.float32) * scb.reshape((-1, 1)) * 7.874015718698502e-3
+        if self.threshold > 0:
+            big = ops.abs(x2) >= self.threshold
+            cols = big.any(axis=0, keep_dims=True)
+            x_in = ops.where(big, ops.zeros_like(x2), x2)
+            x_out = ops.where(ops.broadcast_to(cols, x2.shape), x2, ops.zeros_like(x2))
+        else:
+            cols = None
+            x_in = x2
+            x_out = None
+        sca = ops.amax(ops.abs(x_in), axis=1, keepdims=True)  # amax accepts zero rows; max does not
+        factor = ops.where(sca > 0, 127.0 / ops.maximum(sca, 1e-30), ops.zeros_like(sca))
+        xq = ops.clamp(ops.round(x_in * factor), -127.0, 127.0)
+        if cols is not None:
+            xq = ops.where(ops.broadcast_to(cols, xq.shape), ops.zeros_like(xq), xq)
+        acc = ops.matmul(ops.cast(xq, ms.float64), ops.cast(cb, ms.float64).T)
+        y = ops.cast(acc, ms.float32) * (sca * scb.reshape((1, -1))) * (1.0 / (127.0 * 127.0))
+        if x_out is not None:
+            y = y + ops.matmul(x_out, w.T)
+        if self.has_bias:
+            y = y + bias
+        return ops.cast(y.reshape(shape[:-1] + (self.out_features,)), x.dtype)
+
+    def bprop(self, x, cb, scb, bias, out, dout):
+        w = ops.cast(cb, ms.float32) * scb.reshape((-1, 1)) * 7.874015718698502e-3
+        dx = ops.cast(ops.matmul(ops.cast(dout, ms.float32), w), x.dtype)
+        return dx, _zeros_like(cb), _zeros_like(scb), ops.cast(_sum_rows(dout), bias.dtype)

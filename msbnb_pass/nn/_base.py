@@ -1,0 +1,153 @@
+"""What the quantized Linear cells share: validation, naming, conversion from float layers, accounting."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import HeUniform, Uniform, initializer
+
+from ..formats.quant_state import to_numpy
+
+FLOAT_INPUTS = (ms.float32, ms.float16)
+
+
+def _positive_int(name: str, value: Any, owner: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def dense_parts(cell: nn.Cell) -> tuple[np.ndarray, np.ndarray | None, nn.Cell | None, str]:
+    """(weight [out, in] float32, bias or None, activation cell or None, parameter-name prefix) of a float
+    Linear layer: ``mindspore.nn.Dense`` or ``mindspore.mint.nn.Linear``."""
+    from mindspore import mint
+
+    if not isinstance(cell, (nn.Dense, mint.nn.Linear)):
+        raise TypeError(
+            f"from_dense expects a mindspore.nn.Dense or mindspore.mint.nn.Linear, got {type(cell).__module__}."
+            f"{type(cell).__name__}"
+        )
+    weight = to_numpy(cell.weight).astype(np.float32)
+    if weight.ndim != 2:
+        raise ValueError(f"from_dense: the weight of {cell.weight.name} must be 2-D [out, in], got {weight.shape}")
+    bias = getattr(cell, "bias", None)
+    has_bias = bias is not None and (getattr(cell, "has_bias", True) is not False)
+    b = to_numpy(bias).astype(np.float32) if has_bias else None
+    activation = getattr(cell, "activation", None) if getattr(cell, "activation_flag", False) else None
+    name = cell.weight.name
+    prefix = name[: -len("weight")] if name.endswith("weight") else ""
+    return weight, b, activation, prefix
+
+
+def default_init(out_features: int, in_features: int, has_bias: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """nn.Dense's default initialisation (He-uniform weight, uniform bias), as float32 arrays."""
+    w = initializer(HeUniform(math.sqrt(5)), [out_features, in_features], ms.float32).init_data().asnumpy()
+    b = None
+    if has_bias:
+        bound = 1.0 / math.sqrt(in_features)
+        b = initializer(Uniform(bound), [out_features], ms.float32).init_data().asnumpy()
+    return w.astype(np.float32), b
+
+
+def check_finite_stats(owner: str, **arrays: np.ndarray | None) -> None:
+    """Statistics with NaN/Inf would silently poison every output: refuse them, naming the layer."""
+    for name, arr in arrays.items():
+        if arr is None or arr.dtype.kind != "f":
+            continue
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            raise ValueError(
+                f"{owner}: {name} holds {int(bad.sum())} non-finite value(s) (first at index "
+                f"{int(np.flatnonzero(bad.reshape(-1))[0])}); the quantization statistics must be finite"
+            )
+
+
+class QuantLinear(nn.Cell):
+    """Base of Linear8bit, Linear8bitLt and Linear4bit: a Linear layer [out, in] with quantized weights."""
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool, layer_name: str | None = None):
+        super().__init__()
+        owner = layer_name or type(self).__name__
+        self.in_features = _positive_int("in_features", in_features, owner)
+        self.out_features = _positive_int("out_features", out_features, owner)
+        self.has_bias = bool(has_bias)
+        self.layer_name = owner
+        self.activation = None
+        self.activation_flag = False
+        # a constant zero bias for the kernels when the layer has none
+        self._zero_bias = Tensor(np.zeros(self.out_features, np.float32))
+
+    # ---- construct helpers (graph-mode compatible) ------------------------------------------------------------
+    def _check_input(self, x):
+        if x.dtype not in FLOAT_INPUTS:
+            raise TypeError(f"{self.layer_name}: input must be float32 or float16, got {x.dtype}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{self.layer_name}: the input's last dimension must be in_features={self.in_features}, "
+                f"got input shape {x.shape}"
+            )
+
+    def _bias(self):
+        if self.has_bias:
+            return self.bias
+        return self._zero_bias
+
+    def _activate(self, y):
+        if self.activation_flag:
+            return self.activation(y)
+        return y
+
+    # ---- python-side helpers ------------------------------------------------------------------------------------
+    def _set_activation(self, activation: nn.Cell | None) -> None:
+        if activation is not None:
+            self.activation = activation
+            self.activation_flag = True
+
+    def _param(self, value: np.ndarray, attr: str, requires_grad: bool = False) -> Parameter:
+        return Parameter(Tensor(np.ascontiguousarray(value)), name=attr, requires_grad=requires_grad)
+
+    def name_parameters(self, prefix: str) -> None:
+        """Name every parameter ``<prefix><attribute>`` (e.g. ``"layers.0.fc1."``), as a tree would."""
+        for attr, param in self.parameters_and_names(expand=False):
+            param.name = f"{prefix}{attr}"
+
+    def parameter_nbytes(self) -> int:
+        """Bytes held by this layer's parameters (what quantization saves is measured on this)."""
+        return int(sum(p.size * p.itemsize for p in self.get_parameters()))
+
+    def weight_nbytes(self) -> int:
+        """Bytes of the quantized weight and its statistics (the bias excluded)."""
+        bias = self.bias.size * self.bias.itemsize if self.has_bias else 0
+        return self.parameter_nbytes() - int(bias)
+
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.weight_nbytes() / (self.in_features * self.out_features)
+
+    def _bias_numpy(self) -> np.ndarray | None:
+        return self.bias.asnumpy().copy() if self.has_bias else None
+
+    def dequantize(self) -> nn.Dense:
+        """A float ``nn.Dense`` with the dequantized weight (and the bias and activation)."""
+        dense = nn.Dense(
+            self.in_features,
+            self.out_features,
+            weight_init=Tensor(self.dequantized_weight()),
+            bias_init=Tensor(self._bias_numpy()) if self.has_bias else "zeros",
+            has_bias=self.has_bias,
+        )
+        if self.activation_flag:
+            dense.activation = self.activation
+            dense.activation_flag = True
+        return dense
+
+    def dequantized_weight(self) -> np.ndarray:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def _cast(self, x, dtype):
+        if x.dtype == dtype:
+            return x
+        return ops.cast(x, dtype)

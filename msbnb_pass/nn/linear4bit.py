@@ -1,0 +1,267 @@
+"""Linear4bit: a Linear layer with NF4 / FP4 / INT4 blockwise 4-bit weights (QLoRA's base layer)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn
+
+from .. import formats
+from ..config import dtype_to_str
+from ..formats import _checks
+from ..formats.codebooks import QUANT_TYPES_4BIT
+from ..formats.quant_state import QuantState, to_numpy
+from ..kernels import kernel_class
+from ..kernels import quantize as fast
+from ._base import QuantLinear, check_finite_stats, default_init, dense_parts
+
+COMPUTE_DTYPES = {"float32": ms.float32, "float16": ms.float16}
+
+
+class Linear4bit(QuantLinear):
+    """``y = x @ dequant(W)^T + b`` with W stored as packed 4-bit codes and blockwise absmax.
+
+    Args:
+        in_features, out_features: the layer's shape (weight ``[out, in]``).
+        bias: whether the layer has a (float, trainable) bias.
+        quant_type: "nf4" (default, QLoRA), "fp4" (bitsandbytes' own default) or "int4" (linear).
+        blocksize: elements per absmax block, a power of two in [32, 4096]; ``group_size`` is an alias.
+        compress_statistics: double-quantize the absmax (8-bit, blocks of 256): ~4.13 instead of 4.5 bits
+            per weight at blocksize 64.
+        compute_dtype: "float32" or "float16": the input is cast to it for the matmul, the output back.
+        symmetric: int4 only; False stores each block's midpoint and uses 16 levels over its range.
+        weight, bias_value: float arrays to quantize (default: nn.Dense's random initialisation).
+        backend: "cpu" (fused C++ kernel) or "reference"; default: the kernels module's choice.
+
+    Parameters carry bitsandbytes' state-dict names with ``_`` for ``.`` (MindSpore attribute names cannot
+    hold dots): ``weight`` (uint8 ``[(out*in+1)//2, 1]``), ``weight_absmax``, ``weight_quant_map``,
+    ``weight_nested_absmax``, ``weight_nested_quant_map``, ``weight_nested_offset`` (bitsandbytes keeps the
+    offset in the JSON of ``weight.quant_state.bitsandbytes__<type>``), ``weight_block_offset`` (asymmetric
+    int4) and ``bias``. ``bnb_state_dict()`` writes the exact bitsandbytes keys.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        quant_type: str = "nf4",
+        blocksize: int | None = None,
+        compress_statistics: bool = True,
+        compute_dtype: Any = "float32",
+        *,
+        group_size: int | None = None,
+        symmetric: bool = True,
+        weight: Any = None,
+        bias_value: Any = None,
+        quant_state: QuantState | None = None,
+        packed: Any = None,
+        backend: str | None = None,
+        layer_name: str | None = None,
+    ):
+        super().__init__(in_features, out_features, bias, layer_name)
+        owner = self.layer_name
+        if blocksize is not None and group_size is not None and blocksize != group_size:
+            raise ValueError(f"{owner}: blocksize={blocksize} and group_size={group_size} disagree (they are aliases)")
+        blocksize = blocksize if blocksize is not None else (group_size if group_size is not None else 64)
+        self.blocksize = _checks.check_blocksize(blocksize, f"{owner}: blocksize")
+        if quant_type not in QUANT_TYPES_4BIT:
+            raise ValueError(f"{owner}: quant_type must be one of {QUANT_TYPES_4BIT}, got {quant_type!r}")
+        if not symmetric and quant_type != "int4":
+            raise ValueError(f"{owner}: symmetric=False is only defined for quant_type='int4', got {quant_type!r}")
+        dtype = dtype_to_str(compute_dtype)
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"{owner}: compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+        self.quant_type = quant_type
+        self.compress_statistics = bool(compress_statistics)
+        self.symmetric = bool(symmetric)
+        self.compute_dtype_name = dtype
+        self.compute_dtype = COMPUTE_DTYPES[dtype]
+
+        if quant_state is None:
+            if weight is None:
+                weight, init_bias = default_init(self.out_features, self.in_features, self.has_bias)
+                bias_value = init_bias if bias_value is None else bias_value
+            w = _checks.float_array(weight, f"{owner}: weight", ndim=2)
+            if w.shape != (self.out_features, self.in_features):
+                raise ValueError(
+                    f"{owner}: weight must have shape {(self.out_features, self.in_features)}, got {w.shape}"
+                )
+            packed, quant_state = fast.quantize_4bit(
+                w, self.blocksize, quant_type, self.compress_statistics, symmetric=self.symmetric
+            )
+        self._load_quantized(np.asarray(packed), quant_state)
+        if self.has_bias:
+            b = np.zeros(self.out_features, np.float32) if bias_value is None else np.asarray(bias_value, np.float32)
+            if b.shape != (self.out_features,):
+                raise ValueError(f"{owner}: bias must have shape ({self.out_features},), got {b.shape}")
+            self.bias = self._param(b, "bias", requires_grad=True)
+        self.kernel = kernel_class("linear4bit", backend)(
+            self.in_features,
+            self.out_features,
+            self.blocksize,
+            self.quant_state.nested,
+            self.quant_state.state2.blocksize if self.quant_state.nested else 256,
+            not self.quant_state.symmetric,
+            self.has_bias,
+        )
+
+    def _load_quantized(self, packed: np.ndarray, qs: QuantState) -> None:
+        owner = self.layer_name
+        n = self.in_features * self.out_features
+        if tuple(qs.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{owner}: quant_state.shape {tuple(qs.shape)} != ({self.out_features}, {self.in_features})"
+            )
+        if packed.dtype != np.uint8 or packed.size != (n + 1) // 2:
+            raise ValueError(
+                f"{owner}: packed weight must be uint8 with {(n + 1) // 2} bytes, got {packed.dtype} {packed.size}"
+            )
+        if qs.quant_type != self.quant_type or qs.blocksize != self.blocksize:
+            raise ValueError(
+                f"{owner}: quant_state is {qs.quant_type}/blocksize {qs.blocksize}, the layer {self.quant_type}/{self.blocksize}"
+            )
+        check_finite_stats(
+            owner,
+            absmax=qs.absmax if not qs.nested else None,
+            nested_absmax=qs.state2.absmax if qs.nested else None,
+            offset=None if qs.offset is None else np.asarray([qs.offset], np.float32),
+            block_offset=qs.block_offset,
+        )
+        self.quant_state = qs
+        self.compress_statistics = qs.nested
+        self.symmetric = qs.symmetric
+        one = np.zeros(1, np.float32)
+        self.weight = self._param(packed.reshape(-1, 1), "weight")
+        self.weight_absmax = self._param(qs.absmax, "weight_absmax")
+        self.weight_quant_map = self._param(qs.code.astype(np.float32), "weight_quant_map")
+        if qs.nested:
+            self.weight_nested_absmax = self._param(qs.state2.absmax.astype(np.float32), "weight_nested_absmax")
+            self.weight_nested_quant_map = self._param(qs.state2.code.astype(np.float32), "weight_nested_quant_map")
+            self.weight_nested_offset = self._param(np.array([qs.offset], np.float32), "weight_nested_offset")
+        else:  # constants, not parameters: nothing to store
+            self.weight_nested_absmax = Tensor(one)
+            self.weight_nested_quant_map = Tensor(one)
+            self.weight_nested_offset = Tensor(one)
+        if qs.block_offset is not None:
+            self.weight_block_offset = self._param(qs.block_offset.astype(np.float32), "weight_block_offset")
+        else:
+            self.weight_block_offset = Tensor(one)
+
+    def construct(self, x):
+        self._check_input(x)
+        xc = self._cast(x, self.compute_dtype)
+        y = self.kernel(
+            xc,
+            self.weight,
+            self.weight_absmax,
+            self.weight_quant_map,
+            self.weight_nested_absmax,
+            self.weight_nested_quant_map,
+            self.weight_nested_offset,
+            self.weight_block_offset,
+            self._bias(),
+        )
+        return self._activate(self._cast(y, x.dtype))
+
+    # ---- conversion ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dense(
+        cls,
+        cell: nn.Cell,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        compress_statistics: bool = True,
+        compute_dtype: Any = "float32",
+        symmetric: bool = True,
+        backend: str | None = None,
+        layer_name: str | None = None,
+    ) -> Linear4bit:
+        """Quantize an ``nn.Dense`` / ``mint.nn.Linear`` (weight, bias and activation)."""
+        weight, bias, activation, prefix = dense_parts(cell)
+        layer = cls(
+            weight.shape[1],
+            weight.shape[0],
+            bias is not None,
+            quant_type,
+            blocksize,
+            compress_statistics,
+            compute_dtype,
+            symmetric=symmetric,
+            weight=weight,
+            bias_value=bias,
+            backend=backend,
+            layer_name=layer_name or prefix.rstrip(".") or None,
+        )
+        layer._set_activation(activation)
+        layer.name_parameters(prefix)
+        return layer
+
+    @classmethod
+    def from_bnb_state_dict(cls, state_dict: dict, prefix: str = "", **kwargs: Any) -> Linear4bit:
+        """Build from bitsandbytes' state-dict entries (``<prefix>weight``, ``<prefix>weight.absmax``, ...)."""
+        qs = QuantState.from_state_dict(f"{prefix}weight", state_dict)
+        packed = np.asarray(to_numpy(state_dict[f"{prefix}weight"])).view(np.uint8)
+        bias = state_dict.get(f"{prefix}bias")
+        out_features, in_features = qs.shape
+        return cls(
+            in_features,
+            out_features,
+            bias is not None,
+            qs.quant_type,
+            qs.blocksize,
+            qs.nested,
+            quant_state=qs,
+            packed=packed,
+            bias_value=None if bias is None else to_numpy(bias),
+            symmetric=qs.symmetric,
+            **kwargs,
+        )
+
+    def bnb_state_dict(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """This layer's state dict with bitsandbytes' keys (what transformers saves for a Linear4bit)."""
+        sd = {f"{prefix}weight": self.weight.asnumpy().copy()}
+        if self.has_bias:
+            sd[f"{prefix}bias"] = self.bias.asnumpy().copy()
+        sd.update(self.current_quant_state().to_state_dict(f"{prefix}weight"))
+        return sd
+
+    def current_quant_state(self) -> QuantState:
+        """The QuantState of the parameters as they are now (after any checkpoint load)."""
+        qs = self.quant_state
+        state2 = None
+        if qs.nested:
+            state2 = QuantState(
+                quant_type="dynamic",
+                blocksize=qs.state2.blocksize,
+                dtype="float32",
+                shape=qs.state2.shape,
+                absmax=self.weight_nested_absmax.asnumpy().copy(),
+                code=self.weight_nested_quant_map.asnumpy().copy(),
+            )
+        return QuantState(
+            quant_type=qs.quant_type,
+            blocksize=qs.blocksize,
+            dtype=qs.dtype,
+            shape=qs.shape,
+            absmax=self.weight_absmax.asnumpy().copy(),
+            code=self.weight_quant_map.asnumpy().copy(),
+            state2=state2,
+            offset=np.float32(self.weight_nested_offset.asnumpy()[0]) if qs.nested else None,
+            block_offset=self.weight_block_offset.asnumpy().copy() if qs.block_offset is not None else None,
+        )
+
+    def dequantized_weight(self) -> np.ndarray:
+        return formats.dequantize_4bit(self.weight.asnumpy(), self.current_quant_state())
+
+    def extend_repr(self) -> str:
+        dq = ", double_quant" if self.quant_state.nested else ""
+        asym = ", asymmetric" if not self.quant_state.symmetric else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}, "
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}{dq}{asym}, "
+            f"compute_dtype={self.compute_dtype_name}, bits_per_weight={self.bits_per_weight():.3f}, "
+            f"backend={type(self.kernel).__name__}"
+        )
