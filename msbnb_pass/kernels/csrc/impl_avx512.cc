@@ -266,6 +266,43 @@ void planes(const float *xp, const W4 &w, const float *bias, float *y) {
   });
 }
 
+// Row-wise int8 quantization of LLM.int8() activations (and of weights), 16 values per step; identical
+// results to quantize_row (float32 product, round half to even).
+float quantize_row_fast(const float *x, int64_t K, const uint8_t *outlier, float threshold, int8_t *q,
+                        int32_t *qsum) {
+  __m512 m = _mm512_setzero_ps();
+  const __m512 thr = _mm512_set1_ps(threshold);
+  int64_t k = 0;
+  for (; k < K; k += 16) {
+    const __mmask16 lanes = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+    const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes, x + k));
+    const __mmask16 keep = threshold > 0.f ? _mm512_mask_cmp_ps_mask(lanes, a, thr, _CMP_LT_OQ) : lanes;
+    m = _mm512_mask_max_ps(m, keep, m, a);
+  }
+  const float amax = _mm512_reduce_max_ps(m);
+  const float factor = amax > 0.f ? 127.0f / amax : 0.f;
+  if (!(factor <= 3.402823466e38f)) return quantize_row(x, K, outlier, threshold, q, qsum);  // subnormal absmax
+  const __m512 f = _mm512_set1_ps(factor), hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
+  __m512i sum = _mm512_setzero_si512();
+  for (k = 0; k < K; k += 16) {
+    const __mmask16 lanes = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+    const __m512 xv = _mm512_maskz_loadu_ps(lanes, x + k);
+    __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(xv, f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_max_ps(_mm512_min_ps(v, hi), lo);
+    __mmask16 live = lanes;
+    if (threshold > 0.f) live &= _mm512_cmp_ps_mask(_mm512_abs_ps(xv), thr, _CMP_LT_OQ);
+    if (outlier) {
+      const __m128i o = _mm_maskz_loadu_epi8(lanes, outlier + k);
+      live &= _mm_cmpeq_epi8_mask(o, _mm_setzero_si128());
+    }
+    const __m512i qi = _mm512_maskz_cvtps_epi32(live, v);
+    sum = _mm512_add_epi32(sum, qi);
+    _mm_mask_storeu_epi8(q + k, lanes, _mm512_cvtsepi32_epi8(qi));
+  }
+  *qsum = _mm512_reduce_add_epi32(sum);
+  return amax;
+}
+
 bool fast_linear4bit(const float *x, int64_t M, const W4 &w, const float *bias, float *y) {
   const bool pow2 = (w.bs & (w.bs - 1)) == 0;
   if (M < 1 || M > 4 || w.N < 1 || w.block_offset || w.K % 128 || !pow2 || w.bs < 32 || w.K % w.bs) return false;

@@ -144,6 +144,10 @@ void index_pack(const float *p, int64_t n, bool divide, float factor, float mid,
 
 namespace {
 bool fast_linear4bit(const float *, int64_t, const W4 &, const float *, float *) { return false; }
+float quantize_row_fast(const float *x, int64_t K, const uint8_t *outlier, float threshold, int8_t *q,
+                        int32_t *qsum) {
+  return quantize_row(x, K, outlier, threshold, q, qsum);
+}
 }  // namespace
 
 }  // namespace isa_portable

@@ -1,0 +1,288 @@
+"""Benchmark the fused kernels against fp32 nn.Dense (and bitsandbytes' CPU layers, when available).
+
+Run by hand (not a test); it takes several minutes:
+
+    python tools/bench_kernels.py                        # the full table, printed and as JSON
+    python tools/bench_kernels.py --quick                # one shape, M in {1, 32}
+    python tools/bench_kernels.py --bnb-python /path/to/venv/bin/python   # + bitsandbytes in the same run
+
+For every (K, N) and M, each variant runs as a chain of L distinct layers under ``ms.jit`` (one compiled
+call sums the outputs of all layers on the same input), with L chosen so that the variant's weights
+(at least --stream-mb, default max(3x the L3 cache, 512 MB), and at least 8 layers so the
+cost of one jit call is spread thin) are streamed from DRAM on every call instead of sitting
+in the last-level cache. Reported: the median time per layer over --reps calls, the ratio
+fp32 time / variant time (higher is faster), and the effective weight bandwidth (weight bytes per layer
+/ time). fp32 and every variant are measured in the same process, interleaved by shape, so ratios are
+comparable even on a noisy machine. bitsandbytes (torch) layers run in a second interpreter started by
+this one (torch and MindSpore do not share a process well), with the same L and shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("GLOG_v", "3")
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
+MS = [1, 8, 32, 128]
+# at least this many layers per chain, so the ~1 ms cost of one jit call is spread thin
+MIN_LAYERS = 8
+VARIANTS = ["fp32", "nf4_dq", "fp4_dq", "int4", "int8", "llm_int8_t0", "llm_int8_t6"]
+
+
+def l3_bytes() -> int:
+    """Size of the last-level cache (from sysfs), or 260 MB if it cannot be read."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1], 1)
+        value = int(size.rstrip("KMG")) * mult
+        if level >= 3:
+            best = max(best, value)
+    return best or 260 << 20
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def make_layers(variant: str, K: int, N: int, count: int, rng: np.random.Generator):
+    """``count`` distinct layers of one variant (the same values, separate memory)."""
+    from mindspore import Tensor, nn
+
+    from msbnb_pass import Linear4bit, Linear8bit, Linear8bitLt
+
+    W = (rng.standard_normal((N, K), dtype=np.float32) * 0.02).astype(np.float32)
+    if variant == "fp32":
+        return [nn.Dense(K, N, weight_init=Tensor(W.copy()), has_bias=False) for _ in range(count)]
+    if variant in ("nf4_dq", "fp4_dq", "int4"):
+        qt = {"nf4_dq": "nf4", "fp4_dq": "fp4", "int4": "int4"}[variant]
+        first = Linear4bit(K, N, False, qt, 64, variant != "int4", weight=W)
+        packed, state = first.weight.asnumpy(), first.quant_state
+        return [first] + [
+            Linear4bit(K, N, False, qt, 64, variant != "int4", quant_state=state, packed=packed.copy())
+            for _ in range(count - 1)
+        ]
+    if variant == "int8":
+        first = Linear8bit(K, N, False, has_fp16_weights=False, weight=W)
+        return [first] + [Linear8bit(K, N, False, has_fp16_weights=False, weight=W) for _ in range(count - 1)]
+    if variant.startswith("llm_int8"):
+        threshold = 0.0 if variant.endswith("t0") else 6.0
+        first = Linear8bitLt(K, N, False, threshold=threshold, weight=W)
+        cb, scb = first.weight.asnumpy(), first.SCB.asnumpy()
+        return [first] + [
+            Linear8bitLt(K, N, False, threshold=threshold, CB=cb.copy(), SCB=scb) for _ in range(count - 1)
+        ]
+    raise ValueError(variant)
+
+
+def weight_bytes(layer) -> int:
+    return int(sum(p.size * p.itemsize for p in layer.get_parameters()))
+
+
+def time_chain(layers, x, reps: int) -> float:
+    """Median seconds per layer of one jit call that runs every layer on ``x``."""
+    import mindspore as ms
+    from mindspore import nn
+
+    class Chain(nn.Cell):
+        def __init__(self, cells):
+            super().__init__()
+            self.blocks = nn.CellList(cells)
+
+        def construct(self, inp):
+            y = self.blocks[0](inp)
+            for i in range(1, len(self.blocks)):
+                y = y + self.blocks[i](inp)
+            return y
+
+    chain = Chain(layers)
+
+    @ms.jit
+    def run(inp):
+        return chain(inp)
+
+    run(x).asnumpy()  # compile + warm up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        run(x).asnumpy()
+        times.append((time.perf_counter() - start) / len(layers))
+    return statistics.median(times)
+
+
+def input_for(M: int, K: int, variant: str, rng: np.random.Generator):
+    from mindspore import Tensor
+
+    x = rng.standard_normal((M, K), dtype=np.float32)
+    if variant == "llm_int8_t6":
+        x[:, :: max(1, K // 8)] *= 8.0  # a few systematic outlier features (|x| >= 6), as in large models
+    return Tensor(x)
+
+
+def run_bnb(python: str, shapes, ms_list, reps: int, stream_bytes: int) -> list[dict]:
+    helper = Path(__file__).with_name("_bench_bnb.py")
+    cmd = [
+        python,
+        str(helper),
+        "--json",
+        "--reps",
+        str(reps),
+        "--stream-bytes",
+        str(stream_bytes),
+        "--shapes",
+        ",".join(f"{k}x{n}" for k, n in shapes),
+        "--m",
+        ",".join(map(str, ms_list)),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"bitsandbytes run failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+        return []
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_quantize(reps: int) -> list[dict]:
+    """Seconds to quantize one fp32 weight (fast kernels vs the numpy oracle)."""
+    from msbnb_pass import formats
+    from msbnb_pass.kernels import quantize as fast
+
+    rows = []
+    W = np.random.default_rng(0).standard_normal((4096, 11008), dtype=np.float32)
+    for name, fn in (
+        ("nf4+dq (kernel)", lambda: fast.quantize_4bit(W, 64, "nf4", True)),
+        ("nf4+dq (numpy oracle)", lambda: formats.quantize_4bit(W, 64, "nf4", True)),
+        ("llm_int8 CB/SCB (kernel)", lambda: fast.int8_vectorwise_quant(W)),
+    ):
+        times = []
+        for _ in range(reps if "oracle" not in name else 2):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        rows.append({"what": name, "shape": [4096, 11008], "seconds": statistics.median(times)})
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN list (in x out)")
+    parser.add_argument("--m", default=",".join(map(str, MS)), help="batch sizes (rows of x)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--stream-mb", type=int, default=0, help="weight bytes cycled per variant (default 3x L3)")
+    parser.add_argument("--threads", type=int, default=0, help="kernel threads (default: the library's)")
+    parser.add_argument("--bnb-python", help="an interpreter with torch + bitsandbytes to add their CPU layers")
+    parser.add_argument("--quick", action="store_true", help="4096x4096, M in {1, 32}")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+
+    import mindspore as ms
+
+    from msbnb_pass import kernels
+
+    ms.set_device("CPU")
+    if args.threads:
+        kernels.set_num_threads(args.threads)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ms_list = [int(v) for v in args.m.split(",")]
+    if args.quick:
+        shapes, ms_list = [(4096, 4096)], [1, 32]
+    variants = args.variants.split(",")
+    stream = (args.stream_mb << 20) if args.stream_mb else max(3 * l3_bytes(), 512 << 20)
+    meta = {
+        "machine": cpu_name(),
+        "cores": os.cpu_count(),
+        "l3_bytes": l3_bytes(),
+        "stream_bytes_per_variant": stream,
+        "kernel_isa": kernels.isa() if "cpu" in kernels.available_backends() else None,
+        "kernel_threads": kernels.get_num_threads() if "cpu" in kernels.available_backends() else None,
+        "backend": kernels.get_backend(),
+        "date": time.strftime("%Y-%m-%d"),
+        "mindspore": ms.__version__,
+    }
+    print(
+        f"# {meta['machine']}, {meta['cores']} cores, L3 {meta['l3_bytes'] >> 20} MB, "
+        f"streaming >= {stream >> 20} MB per variant, kernels: {meta['kernel_isa']} x{meta['kernel_threads']} threads"
+    )
+    rows: list[dict] = []
+    rng = np.random.default_rng(0)
+    header = f"{'K':>6} {'N':>6} {'M':>4}  {'variant':<14} {'ms/layer':>9} {'x fp32':>7} {'GB/s':>7} {'layers':>6}"
+    print(header)
+    print("-" * len(header))
+    for K, N in shapes:
+        layer_sets = {}
+        for variant in variants:
+            probe = make_layers(variant, K, N, 1, rng)[0]
+            count = max(MIN_LAYERS, -(-stream // weight_bytes(probe)))
+            layer_sets[variant] = (make_layers(variant, K, N, count, rng), weight_bytes(probe))
+        for M in ms_list:
+            fp32_time = None
+            for variant in variants:
+                layers, wbytes = layer_sets[variant]
+                t = time_chain(layers, input_for(M, K, variant, rng), args.reps)
+                if variant == "fp32":
+                    fp32_time = t
+                row = {
+                    "K": K,
+                    "N": N,
+                    "M": M,
+                    "variant": variant,
+                    "ms_per_layer": t * 1e3,
+                    "weight_bytes": wbytes,
+                    "gb_per_s": wbytes / t / 1e9,
+                    "layers": len(layers),
+                    "speedup_vs_fp32": (fp32_time / t) if fp32_time else None,
+                }
+                rows.append(row)
+                ratio = f"{row['speedup_vs_fp32']:.2f}" if row["speedup_vs_fp32"] else "-"
+                print(
+                    f"{K:>6} {N:>6} {M:>4}  {variant:<14} {t * 1e3:>9.3f} {ratio:>7} {row['gb_per_s']:>7.1f} "
+                    f"{len(layers):>6}",
+                    flush=True,
+                )
+        del layer_sets
+    if args.bnb_python:
+        bnb_rows = run_bnb(args.bnb_python, shapes, ms_list, args.reps, stream)
+        by_key = {(r["K"], r["N"], r["M"]): r for r in rows if r["variant"] == "fp32"}
+        print("\n# bitsandbytes (torch CPU), same run; 'x fp32' is against MindSpore's fp32 Dense above")
+        for r in bnb_rows:
+            fp = by_key.get((r["K"], r["N"], r["M"]))
+            r["speedup_vs_fp32"] = fp["ms_per_layer"] / r["ms_per_layer"] if fp else None
+            rows.append(r)
+            print(
+                f"{r['K']:>6} {r['N']:>6} {r['M']:>4}  {r['variant']:<14} {r['ms_per_layer']:>9.3f} "
+                f"{r['speedup_vs_fp32'] or 0:>7.2f} {r['gb_per_s']:>7.1f} {r['layers']:>6}"
+            )
+    quant = bench_quantize(max(3, args.reps // 2))
+    print("\n# quantizing one 4096x11008 fp32 weight")
+    for q in quant:
+        print(f"{q['what']:<26} {q['seconds']:.3f} s")
+    result = {"meta": meta, "results": rows, "quantize": quant}
+    print("\n" + json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
