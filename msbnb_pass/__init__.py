@@ -31,14 +31,37 @@ _EXPORTS = {
     "Linear8bit": "nn",
     "Linear8bitLt": "nn",
     "Linear4bit": "nn",
+    # the pass
+    "apply": "passes",
+    "quantize": "passes",
+    "explain": "passes",
+    "PassResult": "passes",
+    "PassError": "passes",
+    "Rule": "rules",
+    "RuleSet": "rules",
+    "RuleError": "rules",
+    "register_linear": "rules",
+    "register_check": "rules",
+    "register_replacement": "rules",
+    "register_kernel": "kernels",
+    "build_graph": "graph",
+    "NetGraph": "graph",
+    # the seed's converter API
+    "convert_to_quantized_model": "converter",
+    "replace_linear_layers": "converter",
+    "quantize_model_weights": "converter",
+    "get_model_size": "converter",
+    "compare_model_sizes": "converter",
 }
 
-_SUBMODULES = ("formats", "kernels", "nn", "functional", "config")
+_SUBMODULES = ("formats", "kernels", "nn", "functional", "config", "graph", "rules", "match", "rewrite", "passes")
 
-__all__ = ["__version__", *_SUBMODULES, *sorted(_EXPORTS)]
+__all__ = ["__version__", "dump", "verify", *_SUBMODULES, *sorted(_EXPORTS)]
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("verify", "dump"):  # callable modules: msbnb_pass.verify(...) and msbnb_pass.dump(...)
+        return importlib.import_module(f".{name}", __name__)
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)

@@ -7,6 +7,7 @@ LLM.int8()'s row-wise quantization. Importing this package needs only numpy.
 from .blockwise import (
     compress_absmax,
     dequantize_4bit,
+    dequantize_4bit_rows,
     dequantize_blockwise,
     nearest_code,
     pack_4bit,
@@ -32,6 +33,7 @@ __all__ = [
     "compress_absmax",
     "create_dynamic_map",
     "dequantize_4bit",
+    "dequantize_4bit_rows",
     "dequantize_blockwise",
     "dequantize_int8",
     "get_4bit_code",

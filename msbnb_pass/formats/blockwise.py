@@ -245,3 +245,22 @@ def dequantize_4bit(packed: np.ndarray, quant_state: QuantState, out_dtype=np.fl
     if quant_state.block_offset is not None:
         out += np.repeat(quant_state.block_offset, quant_state.blocksize)[:n]
     return out.reshape(quant_state.shape).astype(out_dtype, copy=False)
+
+
+def dequantize_4bit_rows(packed: np.ndarray, quant_state: QuantState, rows) -> np.ndarray:
+    """Rows ``rows`` of a 2-D 4-bit tensor (float32 ``[len(rows), K]``) without decoding the rest."""
+    if len(quant_state.shape) != 2:
+        raise ValueError(f"dequantize_4bit_rows needs a 2-D quant_state, got shape {quant_state.shape}")
+    n_rows, k = quant_state.shape
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
+        raise ValueError(f"dequantize_4bit_rows: rows must be in [0, {n_rows}), got {rows.min()}..{rows.max()}")
+    flat = rows[:, None] * k + np.arange(k, dtype=np.int64)[None, :]
+    data = np.asarray(packed).reshape(-1)
+    byte = data[flat >> 1]
+    idx = np.where(flat & 1, byte & 0x0F, byte >> 4)
+    blocks = flat // quant_state.blocksize
+    values = quant_state.code[idx] * quant_state.dequantized_absmax()[blocks]
+    if quant_state.block_offset is not None:
+        values = values + quant_state.block_offset[blocks]
+    return values.astype(np.float32, copy=False)

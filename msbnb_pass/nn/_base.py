@@ -147,6 +147,10 @@ class QuantLinear(nn.Cell):
     def dequantized_weight(self) -> np.ndarray:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
 
+    def dequantized_rows(self, rows) -> np.ndarray:
+        """Dequantized weight rows ``rows`` (subclasses decode only those rows)."""
+        return self.dequantized_weight()[np.asarray(rows, dtype=np.int64)]
+
     def _cast(self, x, dtype):
         if x.dtype == dtype:
             return x

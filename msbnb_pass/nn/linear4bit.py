@@ -256,6 +256,10 @@ class Linear4bit(QuantLinear):
     def dequantized_weight(self) -> np.ndarray:
         return formats.dequantize_4bit(self.weight.asnumpy(), self.current_quant_state())
 
+    def dequantized_rows(self, rows) -> np.ndarray:
+        """Dequantized weight rows (output features) ``rows``, without decoding the whole weight."""
+        return formats.dequantize_4bit_rows(self.weight.asnumpy(), self.current_quant_state(), rows)
+
     def extend_repr(self) -> str:
         dq = ", double_quant" if self.quant_state.nested else ""
         asym = ", asymmetric" if not self.quant_state.symmetric else ""

@@ -136,6 +136,17 @@ class Linear8bit(QuantLinear):
         offset = self.weight_offset.asnumpy() if not self.symmetric else None
         return formats.dequantize_int8(self.weight.asnumpy(), self.weight_scale.asnumpy(), offset)
 
+    def dequantized_rows(self, rows) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.has_fp16_weights:
+            return self.weight.asnumpy()[rows]
+        scale = self.weight_scale.asnumpy()
+        offset = self.weight_offset.asnumpy() if not self.symmetric else None
+        if self.per_channel:
+            scale = scale[rows]
+            offset = None if offset is None else offset[rows]
+        return formats.dequantize_int8(self.weight.asnumpy()[rows], scale, offset)
+
     def bnb_state_dict(self, prefix: str = "") -> dict[str, np.ndarray]:
         """bitsandbytes' Linear8bitLt keys (``weight`` int8, ``SCB``, ``weight_format``) for a symmetric
         per-channel layer; other layouts have no bitsandbytes equivalent."""

@@ -165,6 +165,12 @@ class Linear8bitLt(QuantLinear):
             return self.weight.asnumpy().copy()
         return formats.int8_vectorwise_dequant(self.weight.asnumpy(), self.SCB.asnumpy())
 
+    def dequantized_rows(self, rows) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.has_fp16_weights:
+            return self.weight.asnumpy()[rows]
+        return formats.int8_vectorwise_dequant(self.weight.asnumpy()[rows], self.SCB.asnumpy()[rows])
+
     def bnb_state_dict(self, prefix: str = "") -> dict[str, np.ndarray]:
         if self.has_fp16_weights:
             cb, scb = fast.int8_vectorwise_quant(self.weight.asnumpy())

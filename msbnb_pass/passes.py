@@ -1,0 +1,428 @@
+"""The pass: build the graph -> match the rules -> rewrite (verifying layer by layer) -> PassResult.
+
+``apply(net, rules)`` rewrites ``net`` in place (the same object comes back in the result) before it is
+compiled; the result compiles and runs in GRAPH_MODE and under ``ms.jit``. ``quantize(net, config)`` is
+``apply`` with a BitsAndBytesConfig or QuantConfig turned into rules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from mindspore import Tensor, nn
+
+from . import kernels
+from .graph import NetGraph, build_graph
+from .match import Match, MatchTrace, find_matches
+from .rewrite import RewriteError, Transaction, apply_match, linear_view, rename_parameters
+from .rules import as_ruleset
+from .verify import VIOLATION_ACTIONS, Bound, LayerCheck, Report, bound_for, compare_outputs, fp32_worst_ratio, metrics
+
+logger = logging.getLogger(__name__)
+
+PROBE_ROWS = 8  # synthetic probe rows per layer
+KERNEL_CHECK_ROWS = 64  # output rows compared against the reference computation
+
+
+class PassError(RuntimeError):
+    """The pass could not run; the network is untouched."""
+
+
+@dataclass
+class Rewrite:
+    """One rewritten layer."""
+
+    path: str
+    rule: str
+    level: str  # "cell" or "call"
+    scheme: str
+    replacement: str  # class of the new cell
+    in_features: int
+    out_features: int
+    bytes_before: int  # the float weight (and bias) that left
+    bytes_after: int  # the quantized weight, statistics and bias that came in
+    action: str = "quantized"  # or "kept_float" (verification failed and on_violation="keep_float")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PassResult:
+    """Everything a report needs: the network, what was rewritten, the verification, both graphs."""
+
+    net: nn.Cell
+    rewrites: list[Rewrite]
+    report: Report
+    graph_before: NetGraph
+    graph_after: NetGraph
+    trace: MatchTrace
+    dry_run: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[Rewrite]:
+        return [r for r in self.rewrites if r.action == "quantized"]
+
+    def bytes_saved(self) -> int:
+        return sum(r.bytes_before - r.bytes_after for r in self.quantized)
+
+    def summary(self) -> str:
+        lines = []
+        head = "dry run: would rewrite" if self.dry_run else "rewrote"
+        n_kept = len([r for r in self.rewrites if r.action == "kept_float"])
+        before = sum(r.bytes_before for r in self.quantized)
+        after = sum(r.bytes_after for r in self.quantized)
+        lines.append(
+            f"{head} {len(self.quantized)} layer(s)" + (f", kept {n_kept} in float (verification)" if n_kept else "")
+        )
+        if before:
+            lines.append(
+                f"weights: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB "
+                f"({after / before:.3f}x, {8 * after / (before / 4):.2f} bits per float32 weight)"
+            )
+        by_rule: dict[str, int] = {}
+        for r in self.quantized:
+            by_rule[r.rule] = by_rule.get(r.rule, 0) + 1
+        for rule, n in sorted(by_rule.items()):
+            lines.append(f"  {rule}: {n}")
+        kept = [d for d in self.trace.decisions if not d.rule]
+        if kept:
+            lines.append(f"kept {len(kept)} weight-holding node(s) unchanged (see explain())")
+        if self.report.layers:
+            worst = max(self.report.layers, key=lambda c: c.metrics["relative_error"])
+            lines.append(
+                f"verified {len(self.report.layers)} layer(s); worst relative error "
+                f"{worst.metrics['relative_error']:.4f} at {worst.path or '<root>'}; "
+                f"{len(self.report.violations)} violation(s)"
+            )
+        if self.report.end_to_end:
+            e = self.report.end_to_end
+            lines.append(f"end to end: cosine {e['cosine']:.6f}, relative error {e['relative_error']:.4f}")
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+    def explain(self, path: str | None = None) -> str:
+        return self.trace.explain(path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "rewrites": [r.to_dict() for r in self.rewrites],
+            "report": self.report.to_dict(),
+            "trace": self.trace.to_dict(),
+            "warnings": list(self.warnings),
+            "graph_before": self.graph_before.summary(),
+            "graph_after": self.graph_after.summary(),
+        }
+
+
+# ---- activations for probes ---------------------------------------------------------------------------------------
+def _capture_inputs(netgraph: NetGraph, net: nn.Cell, matches: list[Match], sample_inputs) -> tuple[dict, Any]:
+    """Run the float network once on the sample inputs, recording each matched layer's input rows."""
+    captured: dict[str, np.ndarray] = {}
+    handles = []
+    undo = Transaction()
+
+    def keep(key: str, x) -> None:
+        arr = x.asnumpy() if hasattr(x, "asnumpy") else np.asarray(x)
+        rows = arr.reshape(-1, arr.shape[-1])
+        prev = captured.get(key)
+        captured[key] = rows if prev is None else np.concatenate([prev, rows])[: 4 * KERNEL_CHECK_ROWS]
+
+    for m in matches:
+        cand = m.candidate
+        if cand.level == "cell":
+            cell = netgraph.obj(cand.anchor)
+            handles.append(cell.register_forward_pre_hook(lambda c, args, key=cand.anchor: keep(key, args[0])))
+        else:
+            owner = netgraph.obj(cand.owner)
+            undo.set_attr(owner, cand.prim_attr, _Recorder(getattr(owner, cand.prim_attr), cand.anchor, keep))
+    try:
+        args = sample_inputs if isinstance(sample_inputs, (tuple, list)) else (sample_inputs,)
+        outputs = net(*args)
+    except Exception as exc:
+        raise PassError(
+            f"sample_inputs: running the network on them failed ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); the network is untouched"
+        ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+        undo.rollback()
+    return captured, outputs
+
+
+class _Recorder(nn.Cell):
+    """Temporarily stands in for a matmul primitive to record its activation operand (PyNative)."""
+
+    def __init__(self, prim, key, keep):
+        super().__init__()
+        self.prim = prim
+        self._key = key
+        self._keep = keep
+
+    def construct(self, x, w):
+        self._keep(self._key, x)
+        return self.prim(x, w)
+
+
+def _probe(cand, captured: dict, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    rows = captured.get(cand.anchor)
+    if rows is not None and len(rows):
+        return np.ascontiguousarray(rows[: 4 * PROBE_ROWS], dtype=np.float32), "captured"
+    # a realistic scale for activations entering a Linear in a normalised network: N(0, 1)
+    return rng.standard_normal((PROBE_ROWS, cand.in_features), dtype=np.float32), "synthetic"
+
+
+def _float_output(view, x: np.ndarray) -> np.ndarray:
+    y = x.astype(np.float64) @ view.weight.T.astype(np.float64)
+    if view.bias is not None:
+        y = y + view.bias
+    return y
+
+
+def _check_layer(match: Match, view, layer: nn.Cell, x: np.ndarray, probe: str, bounds, rng) -> LayerCheck:
+    """Quantized layer vs the float layer (scheme bound) and its kernel vs the reference (fp32 bound)."""
+    scheme = match.rule.scheme
+    y_q = layer(Tensor(x)).asnumpy().astype(np.float64)
+    if view.activation is not None:  # compare before the activation: the matmul is what changed
+        y_q_pre = _pre_activation(layer, x)
+    else:
+        y_q_pre = y_q
+    y_f = _float_output(view, x)
+    m = metrics(y_f, y_q_pre)
+    rows = np.arange(view.out_features)
+    if rows.size > KERNEL_CHECK_ROWS:
+        rows = np.sort(rng.choice(rows, KERNEL_CHECK_ROWS, replace=False))
+    if scheme == "llm_int8":
+        from . import formats
+
+        ref = formats.int8_mixed_matmul(
+            x,
+            layer.weight.asnumpy()[rows],
+            layer.SCB.asnumpy()[rows],
+            layer.threshold,
+            None if view.bias is None else view.bias[rows],
+        )
+        w_rows = formats.int8_vectorwise_dequant(layer.weight.asnumpy()[rows], layer.SCB.asnumpy()[rows])
+        tol = np.abs(x.astype(np.float64)) @ np.abs(w_rows.T) * 8 * 2.0**-24 + np.abs(ref) * 4 * 2.0**-24 + 1e-30
+        ratio = float((np.abs(y_q_pre[:, rows] - ref) / tol).max())
+    else:
+        w_rows = layer.dequantized_rows(rows)
+        ratio = fp32_worst_ratio(x, w_rows, y_q_pre[:, rows], None if view.bias is None else view.bias[rows])
+    return LayerCheck(match.candidate.path, scheme, probe, m, bound_for(scheme, bounds), ratio <= 1.0, ratio)
+
+
+def _pre_activation(layer: nn.Cell, x: np.ndarray) -> np.ndarray:
+    flag = layer.activation_flag
+    layer.activation_flag = False
+    try:
+        return layer(Tensor(x)).asnumpy().astype(np.float64)
+    finally:
+        layer.activation_flag = flag
+
+
+def _param_bytes(*params) -> int:
+    return int(sum(p.size * p.itemsize for p in params if p is not None))
+
+
+# ---- the pass ------------------------------------------------------------------------------------------------------
+def apply(
+    net: nn.Cell,
+    rules_or_config: Any,
+    *,
+    sample_inputs: Any = None,
+    verify: bool = True,
+    on_violation: str = "raise",
+    dry_run: bool = False,
+    bounds: dict[str, Bound] | None = None,
+    backend: str | None = None,
+    progress: bool | None = None,
+    seed: int = 0,
+) -> PassResult:
+    """Rewrite ``net`` in place by ``rules_or_config``; return what was done.
+
+    Args:
+        net: the network (an ``nn.Cell``), before compiling it.
+        rules_or_config: a RuleSet / Rule / list, a built-in family ("nf4", "int8", ...), a TOML file, or a
+            BitsAndBytesConfig / QuantConfig.
+        sample_inputs: a Tensor or tuple of Tensors the network accepts; each rewritten layer is then
+            verified on the activations it really sees, and the whole network end to end.
+        verify: check every rewritten layer against its float original and its kernel against the
+            reference while the float weight still exists.
+        on_violation: "raise" (roll everything back and raise), "keep_float" (leave that layer in full
+            precision and report it) or "warn" (keep the quantized layer, report the violation).
+        dry_run: match and explain, change nothing.
+        bounds: per-scheme Bound overrides (see ``verify.DEFAULT_BOUNDS``).
+        backend: kernel backend of the new layers ("cpu" or "reference"; default: the kernels' choice).
+        progress: show a progress bar (default: when there are many layers and stderr is a terminal).
+
+    Raises:
+        TypeError: ``net`` is not a Cell. PassError / RewriteError / MatchConflict / RuleError: with a
+        message naming the layer or rule; the network is then exactly as it was.
+    """
+    if not isinstance(net, nn.Cell):
+        raise TypeError(f"apply expects a mindspore.nn.Cell, got {type(net).__module__}.{type(net).__name__}")
+    if on_violation not in VIOLATION_ACTIONS:
+        raise ValueError(f"on_violation must be one of {VIOLATION_ACTIONS}, got {on_violation!r}")
+    ruleset = as_ruleset(rules_or_config)
+    if backend is not None:
+        if backend not in kernels.available_backends():
+            raise ValueError(f"backend must be one of {kernels.available_backends()}, got {backend!r}")
+        for rule in ruleset:
+            if "backend" in rule.replacement.params:
+                rule.rewrite["backend"] = backend
+    graph_before = build_graph(net)
+    matches, trace = find_matches(graph_before, ruleset)
+    warnings = [f"rule {name!r} matched nothing" for name in trace.unused_rules]
+    for w in warnings:
+        logger.warning(w)
+    if dry_run:
+        rewrites = [
+            Rewrite(
+                m.candidate.path,
+                m.rule.name,
+                m.candidate.level,
+                m.rule.scheme,
+                m.rule.rewrite["to"],
+                m.candidate.in_features,
+                m.candidate.out_features,
+                graph_before.node(m.candidate.weight)["nbytes"],
+                0,
+                action="planned",
+            )
+            for m in matches
+        ]
+        return PassResult(net, rewrites, Report(), graph_before, graph_before, trace, dry_run=True, warnings=warnings)
+
+    with _pynative():
+        return _rewrite(
+            net,
+            ruleset,
+            graph_before,
+            matches,
+            trace,
+            warnings,
+            sample_inputs,
+            verify,
+            on_violation,
+            bounds,
+            progress,
+            seed,
+        )
+
+
+@contextlib.contextmanager
+def _pynative():
+    """Verification calls layers eagerly; in GRAPH_MODE every call would compile a graph."""
+    import mindspore as ms
+
+    mode = ms.get_context("mode")
+    if mode != ms.PYNATIVE_MODE:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        yield
+    finally:
+        if mode != ms.PYNATIVE_MODE:
+            ms.set_context(mode=mode)
+
+
+def _rewrite(
+    net, ruleset, graph_before, matches, trace, warnings, sample_inputs, verify, on_violation, bounds, progress, seed
+) -> PassResult:
+    captured, outputs_before = ({}, None)
+    if sample_inputs is not None:
+        captured, outputs_before = _capture_inputs(graph_before, net, matches, sample_inputs)
+    rng = np.random.default_rng(seed)
+    txn = Transaction()
+    report = Report()
+    rewrites: list[Rewrite] = []
+    show = progress if progress is not None else (len(matches) >= 16 and sys.stderr.isatty())
+    iterator = matches
+    if show:
+        from tqdm import tqdm
+
+        iterator = tqdm(matches, desc="msbnb_pass", unit="layer")
+    try:
+        for m in iterator:
+            cand = m.candidate
+            try:
+                view = linear_view(graph_before, cand)
+                layer = m.rule.replacement.build(view, **m.rule.replacement_params())
+            except Exception as exc:
+                raise RewriteError(
+                    f"{cand.path or '<root>'}: rule {m.rule.name!r} failed to build its "
+                    f"replacement: {type(exc).__name__}: {exc}"
+                ) from exc
+            action = "quantized"
+            if verify:
+                x, probe = _probe(cand, captured, rng)
+                check = _check_layer(m, view, layer, x, probe, bounds, rng)
+                if not check.passed:
+                    message = f"{cand.path or '<root>'}: verification failed ({check.failure()})"
+                    if on_violation == "raise":
+                        raise RewriteError(message + "; the network is restored")
+                    if on_violation == "keep_float":
+                        action = check.action = "kept_float"
+                        logger.warning("%s; kept in full precision", message)
+                    else:
+                        check.action = "quantized (violation)"
+                        logger.warning(message)
+                report.layers.append(check)
+            before = _param_bytes(graph_before.obj(cand.weight), graph_before.obj(cand.bias) if cand.bias else None)
+            after = layer.parameter_nbytes() if action == "quantized" else before
+            rewrites.append(
+                Rewrite(
+                    cand.path,
+                    m.rule.name,
+                    cand.level,
+                    m.rule.scheme,
+                    type(layer).__name__,
+                    cand.in_features,
+                    cand.out_features,
+                    before,
+                    after,
+                    action,
+                )
+            )
+            if action == "quantized":
+                try:
+                    apply_match(txn, graph_before, net, m, layer)
+                except RewriteError:
+                    raise
+                except Exception as exc:
+                    raise RewriteError(f"{cand.path or '<root>'}: rewrite failed: {type(exc).__name__}: {exc}") from exc
+        rename_parameters(txn, net)
+        if sample_inputs is not None:
+            args = sample_inputs if isinstance(sample_inputs, (tuple, list)) else (sample_inputs,)
+            report.end_to_end = compare_outputs(outputs_before, net(*args))
+    except BaseException:
+        txn.rollback()
+        raise
+    txn.commit()
+    graph_after = build_graph(net)
+    del graph_before._objects  # drop the references to the replaced float layers: their memory goes now
+    graph_before._objects = {}
+    return PassResult(net, rewrites, report, graph_before, graph_after, trace, warnings=warnings)
+
+
+def quantize(net: nn.Cell, config: Any, **kwargs: Any) -> PassResult:
+    """``apply`` with a ``BitsAndBytesConfig`` (or the seed's QuantConfig) mapped onto rules: every
+    Linear-like layer and ``self.matmul(x, self.w)`` call, minus the skipped modules (the output head
+    ``lm_head`` always, plus ``llm_int8_skip_modules``)."""
+    from .config import BitsAndBytesConfig, QuantConfig
+
+    if not isinstance(config, (BitsAndBytesConfig, QuantConfig)):
+        raise TypeError(f"quantize expects a BitsAndBytesConfig or QuantConfig, got {type(config).__name__}")
+    return apply(net, config, **kwargs)
+
+
+def explain(net: nn.Cell, rules_or_config: Any) -> MatchTrace:
+    """Why each weight-holding node would or would not be rewritten (nothing is changed)."""
+    return apply(net, rules_or_config, dry_run=True).trace

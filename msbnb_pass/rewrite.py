@@ -1,0 +1,199 @@
+"""Applying matches to the Cell tree, transactionally.
+
+Two kinds of edit, neither of which regenerates source code:
+
+* cell level: the Linear-like cell is swapped in the tree for its quantized replacement at every path it
+  is reachable at (``setattr``, or item assignment in SequentialCell / CellList / CellDict);
+* call level: the primitive attribute used by ``self.<mm>(x, self.<w>)`` becomes a ``QuantizedMatmul``
+  cell bound to the packed weight (``construct(x, _unused)``), the weight attribute a one-element
+  placeholder Parameter; with a fused bias the bias-add primitive becomes a pass-through.
+
+Every edit is recorded with its inverse in a ``Transaction``; any failure rolls all of them back, so the
+network is exactly as before. After a successful pass every parameter is renamed to its tree path (unique
+and stable: what checkpoints and GRAPH_MODE need), and the replaced float cells are dropped, so their
+memory is released.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from mindspore import Parameter, Tensor, nn
+
+from .graph import NetGraph, join
+from .match import Candidate, Match
+from .replacements import LinearView
+from .rules import linear_spec
+
+logger = logging.getLogger(__name__)
+
+
+class RewriteError(RuntimeError):
+    """A rewrite failed; the network has been restored to its state before the pass."""
+
+
+class QuantizedMatmul(nn.Cell):
+    """Stands in for a MatMul primitive attribute: ``construct(x, _unused)`` = the quantized layer of x.
+
+    The second argument is the placeholder left where the float weight was; it is ignored.
+    """
+
+    def __init__(self, linear: nn.Cell):
+        super().__init__()
+        self.linear = linear
+
+    def construct(self, x, unused):
+        return self.linear(x)
+
+
+class BiasPassthrough(nn.Cell):
+    """Stands in for a bias-add primitive whose bias was fused into the preceding quantized matmul."""
+
+    def construct(self, y, unused):
+        return y
+
+
+def placeholder_like(param: Parameter) -> Parameter:
+    """A one-element, frozen Parameter of the same dtype, left where a moved weight was."""
+    return Parameter(Tensor(np.zeros(1, dtype=_np_dtype(param))), name=param.name, requires_grad=False)
+
+
+def _np_dtype(param: Parameter):
+    import mindspore as ms
+
+    return {ms.float16: np.float16, ms.float32: np.float32, ms.float64: np.float64}.get(param.dtype, np.float32)
+
+
+# ---- transactions -----------------------------------------------------------------------------------------------
+@dataclass
+class Transaction:
+    """Edits to a network with their inverses; ``rollback`` undoes them in reverse order."""
+
+    undo: list[Callable[[], None]] = field(default_factory=list)
+
+    def set_child(self, parent: nn.Cell, attr: str, new: Any) -> None:
+        old = _get_child(parent, attr)
+        _set_child(parent, attr, new)
+        self.undo.append(lambda: _set_child(parent, attr, old))
+
+    def set_attr(self, obj: nn.Cell, attr: str, new: Any) -> None:
+        old = getattr(obj, attr)
+        _replace_attr(obj, attr, new)
+        self.undo.append(lambda: _replace_attr(obj, attr, old))
+
+    def rename(self, param: Parameter, name: str) -> None:
+        old = param.name
+        param.name = name
+        self.undo.append(lambda: setattr(param, "name", old))
+
+    def call(self, undo: Callable[[], None]) -> None:
+        self.undo.append(undo)
+
+    def rollback(self) -> None:
+        errors = []
+        while self.undo:
+            fn = self.undo.pop()
+            try:
+                fn()
+            except Exception as exc:  # keep undoing: a partial restore is worse
+                errors.append(exc)
+        if errors:
+            logger.error("rollback: %d undo step(s) failed: %s", len(errors), errors[0])
+
+    def commit(self) -> None:
+        self.undo.clear()
+
+
+def _get_child(parent: nn.Cell, attr: str):
+    return parent._cells[attr]
+
+
+def _set_child(parent: nn.Cell, attr: str, new: nn.Cell) -> None:
+    if isinstance(parent, (nn.SequentialCell, nn.CellList)) and attr.isdigit():
+        parent[int(attr)] = new
+    elif isinstance(parent, nn.CellDict):
+        parent[attr] = new
+    else:
+        setattr(parent, attr, new)
+
+
+def _replace_attr(obj: nn.Cell, attr: str, new: Any) -> None:
+    """Set an attribute that may change category (primitive <-> cell, parameter <-> parameter)."""
+    old = getattr(obj, attr, None)
+    if isinstance(old, nn.Cell) and not isinstance(new, nn.Cell):
+        del obj._cells[attr]
+    elif not isinstance(old, (nn.Cell, Parameter)) and isinstance(new, nn.Cell) and attr in obj.__dict__:
+        del obj.__dict__[attr]
+    if isinstance(old, Parameter) and isinstance(new, Parameter):
+        obj._params[attr] = new
+        return
+    setattr(obj, attr, new)
+
+
+# ---- views of the float layer ----------------------------------------------------------------------------------
+def linear_view(netgraph: NetGraph, cand: Candidate) -> LinearView:
+    """The float layer a candidate rewrites, as ``y = activation(x @ W.T + b)``."""
+    w = netgraph.obj(cand.weight).asnumpy()
+    weight = np.ascontiguousarray(w.T if cand.layout == "in_out" else w, dtype=np.float32)
+    bias = netgraph.obj(cand.bias).asnumpy().astype(np.float32) if cand.bias else None
+    activation = None
+    if cand.level == "cell":
+        cell = netgraph.obj(cand.anchor)
+        spec = linear_spec(type(cell))
+        if spec.bias and getattr(cell, "has_bias", True) is False:
+            bias = None
+        if spec.activation and (spec.activation_flag is None or getattr(cell, spec.activation_flag, False)):
+            activation = getattr(cell, spec.activation, None)
+    return LinearView(cand.path, weight, bias, activation)
+
+
+# ---- applying one match ------------------------------------------------------------------------------------------
+def apply_match(txn: Transaction, netgraph: NetGraph, net: nn.Cell, match: Match, new_layer: nn.Cell) -> None:
+    """Put ``new_layer`` (the quantized replacement) in place of the match's float layer."""
+    cand = match.candidate
+    if cand.level == "cell":
+        node = netgraph.node(cand.anchor)
+        for path in node["paths"]:
+            parent_path, _, attr = path.rpartition(".")
+            parent = net if not path or "." not in path else _cell_at(net, parent_path)
+            if not path:
+                raise RewriteError("the network itself is a Linear-like cell; wrap it in a Cell to rewrite it")
+            txn.set_child(parent, attr, new_layer)
+        return
+    owner = netgraph.obj(cand.owner)
+    if cand.weight_attr is None or "." in cand.weight_attr:
+        raise RewriteError(f"{cand.path}: the weight is not a direct attribute of {cand.owner or '<root>'}")
+    weight = getattr(owner, cand.weight_attr)
+    txn.set_attr(owner, cand.prim_attr, QuantizedMatmul(new_layer))
+    txn.set_attr(owner, cand.weight_attr, placeholder_like(weight))
+    if cand.bias is not None and cand.bias_attr:
+        txn.set_attr(owner, cand.bias_attr, BiasPassthrough())
+        txn.set_attr(owner, cand.bias_param_attr, placeholder_like(getattr(owner, cand.bias_param_attr)))
+
+
+def _cell_at(net: nn.Cell, path: str) -> nn.Cell:
+    cell = net
+    for part in path.split(".") if path else []:
+        cell = cell._cells[part]
+    return cell
+
+
+def rename_parameters(txn: Transaction, net: nn.Cell) -> int:
+    """Name every parameter after its (first) tree path; returns how many names changed."""
+    changed = 0
+    for name, param in net.parameters_and_names():
+        if param.name != name:
+            txn.rename(param, name)
+            changed += 1
+    return changed
+
+
+def layer_paths(netgraph: NetGraph, cand: Candidate) -> list[str]:
+    """Every dotted path the rewritten layer will be reachable at (for naming and reports)."""
+    if cand.level == "cell":
+        return list(netgraph.node(cand.anchor)["paths"])
+    return [join(cand.owner, f"{cand.prim_attr}.linear")]
