@@ -75,7 +75,7 @@ def to_json(graph: NetGraph, result=None) -> str:
     with each rewritten node's provenance under ``rewrite``."""
     g = graph.graph.copy()
     prov = _provenance(result)
-    for n, d in g.nodes(data=True):
+    for _, d in g.nodes(data=True):
         if d.get("path") in prov:
             d["rewrite"] = prov[d["path"]]
     return json.dumps(nx.node_link_data(g, edges="edges"), indent=1, default=str)

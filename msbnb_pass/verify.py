@@ -180,7 +180,7 @@ def _outputs(value) -> list[np.ndarray]:
 def compare_outputs(before, after) -> dict[str, Any]:
     """End-to-end metrics of two networks' outputs (all output tensors flattened together)."""
     a, b = _outputs(before), _outputs(after)
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=True)):
         raise ValueError(f"the networks' outputs differ in structure: {[x.shape for x in a]} vs {[y.shape for y in b]}")
     ref = np.concatenate([x.astype(np.float64).ravel() for x in a]) if a else np.zeros(0)
     app = np.concatenate([y.astype(np.float64).ravel() for y in b]) if b else np.zeros(0)
