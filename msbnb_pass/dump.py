@@ -76,7 +76,7 @@ def to_json(graph: NetGraph, result=None) -> str:
     g = graph.graph.copy()
     prov = _provenance(result)
     for _, d in g.nodes(data=True):
-        if d.get("path") in prov:
+        if d.get("kind") == "cell" and d.get("path") in prov:
             d["rewrite"] = prov[d["path"]]
     return json.dumps(nx.node_link_data(g, edges="edges"), indent=1, default=str)
 
@@ -131,27 +131,21 @@ def write_dumps(result, directory: str | os.PathLike, formats: tuple[str, ...] =
 
 
 def dump_ir(net: Any, inputs: Any, directory: str | os.PathLike) -> list[Path]:
-    """Compile ``net`` in GRAPH_MODE on ``inputs`` with MindSpore's graph saving on (MS_DEV_SAVE_GRAPHS) and
-    return the IR files it wrote into ``directory`` (the custom aot kernels appear in them)."""
+    """Compile ``net`` in GRAPH_MODE on ``inputs`` with MindSpore's graph saving on and return the IR files
+    it wrote into ``directory`` (the custom aot kernels appear in them as ``Custom`` nodes)."""
     import mindspore as ms
 
     out = Path(directory).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in ("MS_DEV_SAVE_GRAPHS", "MS_DEV_SAVE_GRAPHS_PATH")}
-    os.environ["MS_DEV_SAVE_GRAPHS"] = "1"
-    os.environ["MS_DEV_SAVE_GRAPHS_PATH"] = str(out)
     mode = ms.get_context("mode")
     try:
-        ms.set_context(mode=ms.GRAPH_MODE)
+        # save_graphs is the context form of MS_DEV_SAVE_GRAPHS (the environment variable is read only when
+        # MindSpore starts)
+        ms.set_context(mode=ms.GRAPH_MODE, save_graphs=1, save_graphs_path=str(out))
         args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
         net(*args)
     finally:
-        ms.set_context(mode=mode)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        ms.set_context(mode=mode, save_graphs=0)
     return sorted(out.rglob("*.ir"))
 
 

@@ -171,6 +171,9 @@ class _MethodVisitor(ast.NodeVisitor):
         self_attr = chain[1] if chain[0] == "self" and len(chain) == 2 else None
         if self_attr is not None:
             self.info.self_methods.add(self_attr)
+        elif chain[0] == "self" and len(chain) > 2:  # self.w.mean(): a method of an attribute reads it
+            key = ".".join(chain[1:-1])
+            self.info.attr_reads[key] = self.info.attr_reads.get(key, 0) + 1
         self.info.calls.append(
             CallSite(
                 func=".".join(chain),
@@ -459,4 +462,14 @@ def build_graph(net: Any) -> NetGraph:
                     producers[site.target] = nid
         g.nodes[cid]["attr_reads"] = reads
         g.nodes[cid]["call_sites"] = call_sites
+        # a primitive attribute called at several places: number the call nodes so each path is unique
+        seen: dict[str, int] = {}
+        for nid in sorted(
+            (n for n in g.nodes if g.nodes[n].get("kind") == "call" and g.nodes[n]["owner"] == cid),
+            key=lambda n: g.nodes[n]["lineno"],
+        ):
+            attr = g.nodes[nid]["attr"]
+            if attr and call_sites.get(attr, 0) > 1:
+                g.nodes[nid]["path"] = f"{join(cid, attr)}[{seen.get(attr, 0)}]"
+                seen[attr] = seen.get(attr, 0) + 1
     return NetGraph(g, objects)

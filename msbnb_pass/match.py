@@ -44,6 +44,7 @@ class Candidate:
     bias_attr: str | None = None  # call level with a fused bias add: that primitive's attribute
     weight_attr: str | None = None
     bias_param_attr: str | None = None
+    shared: bool = False  # the weight has other uses (a rule allowed it): quantize a copy, keep the float one
 
 
 @dataclass
@@ -250,12 +251,13 @@ def _call_candidate(netgraph: NetGraph, rule: Rule, bindings: dict[str, str]) ->
 
 
 def _structural_reason(netgraph: NetGraph, cand: Candidate, allow_shared: bool) -> str | None:
-    """Why the rewrite cannot be done in place, independent of the rule's conditions."""
+    """Why the rewrite cannot be done in place, independent of the rule's conditions (sets cand.shared)."""
     w = netgraph.node(cand.weight)
     owners = [o for o, _ in w["owners"]]
     if cand.level == "cell":
         outside = [u for u in netgraph.uses(cand.weight) if netgraph.node(u)["owner"] != cand.anchor]
-        if (len(set(owners)) > 1 or outside) and not allow_shared:
+        cand.shared = len(set(owners)) > 1 or bool(outside)
+        if cand.shared and not allow_shared:
             others = sorted({*(o for o in owners if o != cand.anchor), *(netgraph.node(u)["path"] for u in outside)})
             return f"weight shared with another use ({', '.join(o or '<root>' for o in others)}); tied weights are kept unless a rule sets allow_shared"
         if netgraph.node(cand.anchor)["source"] != "read":
@@ -265,8 +267,13 @@ def _structural_reason(netgraph: NetGraph, cand: Candidate, allow_shared: bool) 
     reads = owner.get("attr_reads", {})
     sites = owner.get("call_sites", {})
     uses = netgraph.uses(cand.weight)
-    if (len(uses) > 1 or reads.get(cand.weight_attr, 0) > 1 or len(set(owners)) > 1) and not allow_shared:
+    cand.shared = len(uses) > 1 or reads.get(cand.weight_attr, 0) > 1 or len(set(owners)) > 1
+    if cand.shared and not allow_shared:
         return "weight used elsewhere (read more than once); tied weights are kept unless a rule sets allow_shared"
+    if not cand.shared and cand.weight_attr and "." in cand.weight_attr:
+        return (
+            f"the weight {cand.weight_attr} belongs to another cell; it can only be quantized as a copy (allow_shared)"
+        )
     if sites.get(cand.prim_attr, 0) > 1:
         return (
             f"primitive attribute '{cand.prim_attr}' of {cand.owner or '<root>'} is shared by "
@@ -346,7 +353,7 @@ def find_matches(netgraph: NetGraph, ruleset: RuleSet) -> tuple[list[Match], Mat
                 continue
             reason = anchor_spec.reason(g.nodes[site_id], netgraph.obj(site_id))
             if reason is None:
-                reason = f"the surrounding graph does not fit pattern {pattern.name!r} ({_describe(pattern)})"
+                reason = f"the surrounding graph does not fit pattern {pattern.name!r} (needs {_describe(pattern)})"
             decision.reasons[rule.name] = reason
 
     # one winner per layer; cells rewritten whole cover the calls inside them
@@ -380,8 +387,11 @@ def find_matches(netgraph: NetGraph, ruleset: RuleSet) -> tuple[list[Match], Mat
             continue
         claimed[m.candidate.weight] = m.candidate.path
         final.append(m)
-    for d in sites.values():
-        if not d.rule and not d.reasons:
+    for site_id, d in sites.items():
+        source = g.nodes[site_id].get("source")
+        if d.level == "cell" and source and source != "read":
+            d.note = f"source {source}"
+        elif not d.rule and not d.reasons:
             d.note = "no rule applies"
     unused = [r.name for r in ruleset if r.name not in matched_rules]
     decisions = sorted(sites.values(), key=lambda d: d.path)
@@ -391,10 +401,6 @@ def find_matches(netgraph: NetGraph, ruleset: RuleSet) -> tuple[list[Match], Mat
 def _describe(pattern) -> str:
     parts = []
     for src, dst, attrs in pattern.edges:
-        a = ", ".join(f"{k}={v}" for k, v in attrs)
-        parts.append(f"{src} -> {dst}" + (f" [{a}]" if a else ""))
-    nodes = ", ".join(
-        f"{n}: {s.kind}" + (f" {'/'.join(s.op or s.type)}" if (s.op or s.type) else "")
-        for n, s in pattern.nodes.items()
-    )
-    return nodes + ("; " + "; ".join(parts) if parts else "")
+        a = ",".join(f"{k}={v}" for k, v in attrs)
+        parts.append(f"{src}->{dst}" + (f"[{a}]" if a else ""))
+    return ", ".join(parts) or "its node"

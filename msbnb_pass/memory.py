@@ -57,3 +57,16 @@ def parameter_bytes(net: Any) -> dict[str, Any]:
         key = str(p.dtype)
         by_dtype[key] = by_dtype.get(key, 0) + nbytes
     return {"num_params": count, "bytes": total, "by_dtype": by_dtype}
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so that the RSS
+    drop after a pass reflects the float weights it released."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

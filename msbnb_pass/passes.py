@@ -19,6 +19,7 @@ from mindspore import Tensor, nn
 from . import kernels
 from .graph import NetGraph, build_graph
 from .match import Match, MatchTrace, find_matches
+from .memory import release_memory
 from .rewrite import RewriteError, Transaction, apply_match, linear_view, rename_parameters
 from .rules import as_ruleset
 from .verify import VIOLATION_ACTIONS, Bound, LayerCheck, Report, bound_for, compare_outputs, fp32_worst_ratio, metrics
@@ -281,8 +282,10 @@ def apply(
     graph_before = build_graph(net)
     matches, trace = find_matches(graph_before, ruleset)
     warnings = [f"rule {name!r} matched nothing" for name in trace.unused_rules]
-    for w in warnings:
-        logger.warning(w)
+    for rule in ruleset:  # a built-in family's rule that finds nothing is normal; a user's rule is suspicious
+        if rule.name in trace.unused_rules:
+            level = logging.INFO if rule.source.startswith("rules/") else logging.WARNING
+            logger.log(level, "rule %r (%s) matched nothing", rule.name, rule.source)
     if dry_run:
         rewrites = [
             Rewrite(
@@ -377,6 +380,10 @@ def _rewrite(
                 report.layers.append(check)
             before = _param_bytes(graph_before.obj(cand.weight), graph_before.obj(cand.bias) if cand.bias else None)
             after = layer.parameter_nbytes() if action == "quantized" else before
+            if cand.shared:  # a quantized copy: the float weight stays for its other uses
+                before = 0
+            elif action == "quantized" and cand.level == "call":  # the one-element placeholders left behind
+                after += sum(int(graph_before.obj(p).itemsize) for p in (cand.weight, cand.bias) if p)
             rewrites.append(
                 Rewrite(
                     cand.path,
@@ -407,9 +414,10 @@ def _rewrite(
         raise
     txn.commit()
     graph_after = build_graph(net)
-    del graph_before._objects  # drop the references to the replaced float layers: their memory goes now
-    graph_before._objects = {}
-    return PassResult(net, rewrites, report, graph_before, graph_after, trace, warnings=warnings)
+    graph_before._objects = {}  # drop the references to the replaced float layers: their memory goes now
+    result = PassResult(net, rewrites, report, graph_before, graph_after, trace, warnings=warnings)
+    release_memory()
+    return result
 
 
 def quantize(net: nn.Cell, config: Any, **kwargs: Any) -> PassResult:

@@ -165,11 +165,11 @@ def apply_match(txn: Transaction, netgraph: NetGraph, net: nn.Cell, match: Match
             txn.set_child(parent, attr, new_layer)
         return
     owner = netgraph.obj(cand.owner)
-    if cand.weight_attr is None or "." in cand.weight_attr:
-        raise RewriteError(f"{cand.path}: the weight is not a direct attribute of {cand.owner or '<root>'}")
-    weight = getattr(owner, cand.weight_attr)
     txn.set_attr(owner, cand.prim_attr, QuantizedMatmul(new_layer))
-    txn.set_attr(owner, cand.weight_attr, placeholder_like(weight))
+    if not cand.shared:  # the float weight has no other use: leave a placeholder so its memory goes
+        if cand.weight_attr is None or "." in cand.weight_attr:
+            raise RewriteError(f"{cand.path}: the weight is not a direct attribute of {cand.owner or '<root>'}")
+        txn.set_attr(owner, cand.weight_attr, placeholder_like(getattr(owner, cand.weight_attr)))
     if cand.bias is not None and cand.bias_attr:
         txn.set_attr(owner, cand.bias_attr, BiasPassthrough())
         txn.set_attr(owner, cand.bias_param_attr, placeholder_like(getattr(owner, cand.bias_param_attr)))

@@ -553,7 +553,10 @@ def _pattern_from_data(name: str, body: Any, src: str) -> Pattern:
             raise RuleError(f"{where}: each edge must be [src, dst] or [src, dst, {{attrs}}], got {e!r}")
         attrs = tuple(sorted((e[2] if len(e) == 3 else {}).items()))
         edges.append((e[0], e[1], attrs))
-    return Pattern(name=name, nodes=nodes, edges=tuple(edges), anchor=body.get("anchor", ""))
+    try:
+        return Pattern(name=name, nodes=nodes, edges=tuple(edges), anchor=body.get("anchor", ""))
+    except RuleError as exc:
+        raise RuleError(f"{src}: {exc}") from None
 
 
 def as_ruleset(spec: Any) -> RuleSet:
