@@ -59,14 +59,28 @@ def parameter_bytes(net: Any) -> dict[str, Any]:
     return {"num_params": count, "bytes": total, "by_dtype": by_dtype}
 
 
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so that the RSS
-    drop after a pass reflects the float weights it released."""
-    import ctypes
+def release_memory(collect: bool = True) -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; after a garbage collection unless
+    ``collect=False``), so that RSS reflects what is really held: after a pass, and between its layers,
+    where the temporaries of quantizing one layer would otherwise stay resident."""
     import gc
 
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    if collect:
+        gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+_TRIM: list = []
+
+
+def _malloc_trim():
+    if not _TRIM:
+        import ctypes
+
+        try:
+            _TRIM.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):  # not glibc
+            _TRIM.append(None)
+    return _TRIM[0]
