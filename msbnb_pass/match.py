@@ -218,17 +218,21 @@ def _call_candidate(netgraph: NetGraph, rule: Rule, bindings: dict[str, str]) ->
         layout = "in_out" if layout == "out_in" else "out_in"
     w = netgraph.node(wid)
     out_f, in_f = w["shape"] if layout == "out_in" else w["shape"][::-1]
-    bias = None
-    bias_attr = None
-    bias_param_attr = None
+    bias = add_call = None
     for n, h in bindings.items():
         if pattern.nodes[n].kind == "param" and netgraph.node(h)["ndim"] == 1:
             bias = h
         if pattern.nodes[n].kind == "call" and h != call_id:
-            bias_attr = netgraph.node(h).get("attr")
-    if bias is not None:
-        bias_edge = next(d for _, _, d in netgraph.graph.out_edges(bias, data=True) if d.get("kind") == "data")
+            add_call = h
+    bias_attr = netgraph.node(add_call).get("attr") if add_call else None
+    bias_param_attr = None
+    if bias is not None and add_call is not None:
+        bias_edge = next(
+            d for _, v, d in netgraph.graph.out_edges(bias, data=True) if v == add_call and d.get("kind") == "data"
+        )
         bias_param_attr = bias_edge.get("attr")
+        if bias_param_attr is None or "." in bias_param_attr:
+            return None, f"the bias {bias_param_attr} is not a direct attribute of the cell that adds it"
     owner = call["owner"]
     cand = Candidate(
         "call",

@@ -92,14 +92,18 @@ def linear_spec(cls: type) -> LinearSpec | None:
     return _LINEAR.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
+_BUILTIN_LINEARS_ADDED: list[bool] = []
+
+
 def _builtin_linears() -> None:
-    if "_builtins_done" in _LINEAR:
+    """nn.Dense and mint.nn.Linear, registered on first use (importing MindSpore is not free)."""
+    if _BUILTIN_LINEARS_ADDED:
         return
     from mindspore import mint, nn
 
     _LINEAR.setdefault(_class_key(nn.Dense), LinearSpec("weight", "bias", "out_in", "activation", "activation_flag"))
     _LINEAR.setdefault(_class_key(mint.nn.Linear), LinearSpec("weight", "bias", "out_in"))
-    _LINEAR["_builtins_done"] = LinearSpec()
+    _BUILTIN_LINEARS_ADDED.append(True)
 
 
 def resolve_class(name: str) -> type | None:

@@ -295,3 +295,31 @@ def test_rss_drops_after_the_pass(ms_cpu):
     mb.apply(net, "nf4")
     after = current_rss() - base
     assert after < 0.35 * fp32, (after / 2**20, fp32 / 2**20)
+
+
+def test_a_linear_like_layer_whose_weight_is_not_2d_is_explained(ms_cpu):
+    from mindspore import Parameter
+
+    class Conv1x1(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.kernel = Parameter(Tensor(np.ones((8, 8, 1), np.float32)), name="kernel")
+
+        def construct(self, x):
+            return x
+
+    class Net(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.conv = Conv1x1()
+
+        def construct(self, x):
+            return self.conv(x)
+
+    mb.register_linear(Conv1x1, weight="kernel", bias=None)
+    net = Net()
+    result = mb.apply(net, "nf4")
+    assert not result.rewrites and isinstance(net.conv, Conv1x1)
+    assert result.trace.decision("conv").reasons["nf4-linear"] == (
+        "weight conv.kernel is 3-D, a Linear needs a 2-D weight"
+    )

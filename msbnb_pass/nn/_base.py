@@ -85,6 +85,10 @@ class QuantLinear(nn.Cell):
     def _check_input(self, x):
         if x.dtype not in FLOAT_INPUTS:
             raise TypeError(f"{self.layer_name}: input must be float32 or float16, got {x.dtype}")
+        if len(x.shape) < 1:
+            raise ValueError(
+                f"{self.layer_name}: input must have at least one dimension (..., {self.in_features}), got a scalar"
+            )
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{self.layer_name}: the input's last dimension must be in_features={self.in_features}, "

@@ -257,3 +257,9 @@ def test_nan_statistics_are_refused_with_the_layer_name(ms_cpu):
 def test_repr_is_readable(ms_cpu, fmt):
     text = repr(CONVERTERS[fmt](dense(ms_cpu, 64, 32)))
     assert "in_features=64, out_features=32" in text
+
+
+def test_scalar_input_is_refused(ms_cpu):
+    q = Linear8bit.from_dense(dense(ms_cpu, 64, 32), layer_name="fc")
+    with pytest.raises(ValueError, match=r"fc: input must have at least one dimension \(..., 64\), got a scalar"):
+        q(Tensor(np.float32(1.0)))
