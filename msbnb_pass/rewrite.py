@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from mindspore import Parameter, Tensor, nn
 
-from .graph import NetGraph, join
+from .graph import NetGraph
 from .match import Candidate, Match
 from .replacements import LinearView
 from .rules import linear_spec
@@ -190,10 +190,3 @@ def rename_parameters(txn: Transaction, net: nn.Cell) -> int:
             txn.rename(param, name)
             changed += 1
     return changed
-
-
-def layer_paths(netgraph: NetGraph, cand: Candidate) -> list[str]:
-    """Every dotted path the rewritten layer will be reachable at (for naming and reports)."""
-    if cand.level == "cell":
-        return list(netgraph.node(cand.anchor)["paths"])
-    return [join(cand.owner, f"{cand.prim_attr}.linear")]

@@ -49,10 +49,6 @@ def kernel_class(op: str, backend: str) -> type[nn.Cell]:
     return impls[backend]
 
 
-def registered_kernels() -> dict[str, list[str]]:
-    return {op: sorted(impls) for op, impls in _KERNELS.items()}
-
-
 # ---- aot op construction -----------------------------------------------------------------------------------
 def _path() -> str:
     path = _lib.library_path()
