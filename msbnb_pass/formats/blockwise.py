@@ -202,14 +202,30 @@ def quantize_4bit(
     return packed, state
 
 
-def compress_absmax(state: QuantState) -> QuantState:
-    """Double quantization: the float32 absmax becomes 8-bit dynamic codes + nested absmax + offset."""
+def compress_absmax(state: QuantState, quantizer=None) -> QuantState:
+    """Double quantization: the float32 absmax becomes 8-bit dynamic codes + nested absmax + offset.
+
+    ``quantizer(values, blocksize, code) -> (codes, absmax)`` does the 8-bit blockwise step (default: this
+    module's numpy one; the kernels pass their bit-identical C++ twin).
+    """
     if state.nested:
         return state
     absmax = state.absmax
     # float64 accumulation: the correctly rounded float32 mean (torch's float32 sum may differ in the last bit)
     offset = np.float32(absmax.mean(dtype=np.float64))
-    qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+    dyn = create_dynamic_map(signed=True)
+    if quantizer is None:
+        qabsmax, state2 = quantize_blockwise(absmax - offset, code=dyn, blocksize=NESTED_BLOCKSIZE)
+    else:
+        qabsmax, nested_absmax = quantizer(absmax - offset, NESTED_BLOCKSIZE, dyn)
+        state2 = QuantState(
+            quant_type="dynamic",
+            blocksize=NESTED_BLOCKSIZE,
+            dtype="float32",
+            shape=tuple(absmax.shape),
+            absmax=nested_absmax,
+            code=dyn,
+        )
     return QuantState(
         quant_type=state.quant_type,
         blocksize=state.blocksize,

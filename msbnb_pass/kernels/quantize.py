@@ -10,8 +10,8 @@ import numpy as np
 
 from .. import formats
 from ..formats import _checks
-from ..formats.codebooks import QUANT_TYPES_4BIT, code_sort_order, create_dynamic_map, get_4bit_code
-from ..formats.quant_state import NESTED_BLOCKSIZE, QuantState
+from ..formats.codebooks import QUANT_TYPES_4BIT, code_sort_order, get_4bit_code
+from ..formats.quant_state import QuantState
 from . import _lib
 
 
@@ -49,30 +49,9 @@ def quantize_4bit(
 
 def compress_absmax(state: QuantState) -> QuantState:
     """Double quantization of a state's absmax (same result as ``formats.compress_absmax``)."""
-    if state.nested or not _lib.available():
+    if not _lib.available():
         return formats.compress_absmax(state)
-    offset = np.float32(state.absmax.mean(dtype=np.float64))
-    dyn = create_dynamic_map(signed=True)
-    codes, nested_absmax = _lib.quantize_blockwise_8bit(state.absmax - offset, NESTED_BLOCKSIZE, dyn)
-    state2 = QuantState(
-        quant_type="dynamic",
-        blocksize=NESTED_BLOCKSIZE,
-        dtype="float32",
-        shape=tuple(state.absmax.shape),
-        absmax=nested_absmax,
-        code=dyn,
-    )
-    return QuantState(
-        quant_type=state.quant_type,
-        blocksize=state.blocksize,
-        dtype=state.dtype,
-        shape=state.shape,
-        absmax=codes,
-        code=state.code,
-        state2=state2,
-        offset=offset,
-        block_offset=state.block_offset,
-    )
+    return formats.compress_absmax(state, quantizer=_lib.quantize_blockwise_8bit)
 
 
 def int8_vectorwise_quant(A) -> tuple[np.ndarray, np.ndarray]:

@@ -106,6 +106,16 @@ class QuantLinear(nn.Cell):
         return y
 
     # ---- python-side helpers ------------------------------------------------------------------------------------
+    @classmethod
+    def _convert_dense(cls, cell: nn.Cell, layer_name: str | None, build):
+        """The shared part of ``from_dense``: read the float layer, ``build(weight, bias, name)`` the new
+        one, keep the activation and name the parameters after the replaced layer's."""
+        weight, bias, activation, prefix = dense_parts(cell)
+        layer = build(weight, bias, layer_name or prefix.rstrip(".") or None)
+        layer._set_activation(activation)
+        layer.name_parameters(prefix)
+        return layer
+
     def _set_activation(self, activation: nn.Cell | None) -> None:
         if activation is not None:
             self.activation = activation

@@ -15,7 +15,7 @@ from ..formats.codebooks import QUANT_TYPES_4BIT
 from ..formats.quant_state import QuantState, to_numpy
 from ..kernels import kernel_class
 from ..kernels import quantize as fast
-from ._base import QuantLinear, check_finite_stats, default_init, dense_parts
+from ._base import QuantLinear, check_finite_stats, default_init
 
 COMPUTE_DTYPES = {"float32": ms.float32, "float16": ms.float16}
 
@@ -180,24 +180,24 @@ class Linear4bit(QuantLinear):
         layer_name: str | None = None,
     ) -> Linear4bit:
         """Quantize an ``nn.Dense`` / ``mint.nn.Linear`` (weight, bias and activation)."""
-        weight, bias, activation, prefix = dense_parts(cell)
-        layer = cls(
-            weight.shape[1],
-            weight.shape[0],
-            bias is not None,
-            quant_type,
-            blocksize,
-            compress_statistics,
-            compute_dtype,
-            symmetric=symmetric,
-            weight=weight,
-            bias_value=bias,
-            backend=backend,
-            layer_name=layer_name or prefix.rstrip(".") or None,
+        return cls._convert_dense(
+            cell,
+            layer_name,
+            lambda w, b, name: cls(
+                w.shape[1],
+                w.shape[0],
+                b is not None,
+                quant_type,
+                blocksize,
+                compress_statistics,
+                compute_dtype,
+                symmetric=symmetric,
+                weight=w,
+                bias_value=b,
+                backend=backend,
+                layer_name=name,
+            ),
         )
-        layer._set_activation(activation)
-        layer.name_parameters(prefix)
-        return layer
 
     @classmethod
     def from_bnb_state_dict(cls, state_dict: dict, prefix: str = "", **kwargs: Any) -> Linear4bit:

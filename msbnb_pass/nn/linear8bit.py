@@ -11,7 +11,7 @@ from .. import formats
 from ..formats import _checks
 from ..kernels import kernel_class
 from ..kernels import quantize as fast
-from ._base import QuantLinear, check_finite_stats, default_init, dense_parts
+from ._base import QuantLinear, check_finite_stats, default_init
 
 
 class Linear8bit(QuantLinear):
@@ -113,22 +113,22 @@ class Linear8bit(QuantLinear):
         layer_name: str | None = None,
     ) -> Linear8bit:
         """Quantize an ``nn.Dense`` / ``mint.nn.Linear`` to int8 (inference mode)."""
-        weight, bias, activation, prefix = dense_parts(cell)
-        layer = cls(
-            weight.shape[1],
-            weight.shape[0],
-            bias is not None,
-            has_fp16_weights=False,
-            symmetric=symmetric,
-            per_channel=per_channel,
-            weight=weight,
-            bias_value=bias,
-            backend=backend,
-            layer_name=layer_name or prefix.rstrip(".") or None,
+        return cls._convert_dense(
+            cell,
+            layer_name,
+            lambda w, b, name: cls(
+                w.shape[1],
+                w.shape[0],
+                b is not None,
+                has_fp16_weights=False,
+                symmetric=symmetric,
+                per_channel=per_channel,
+                weight=w,
+                bias_value=b,
+                backend=backend,
+                layer_name=name,
+            ),
         )
-        layer._set_activation(activation)
-        layer.name_parameters(prefix)
-        return layer
 
     def dequantized_weight(self) -> np.ndarray:
         if self.has_fp16_weights:

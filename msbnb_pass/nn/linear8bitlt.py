@@ -13,7 +13,7 @@ from ..formats import _checks
 from ..formats.quant_state import to_numpy
 from ..kernels import kernel_class
 from ..kernels import quantize as fast
-from ._base import QuantLinear, check_finite_stats, default_init, dense_parts
+from ._base import QuantLinear, check_finite_stats, default_init
 
 
 class _Int8FromFloatWeight(nn.Cell):
@@ -132,21 +132,21 @@ class Linear8bitLt(QuantLinear):
         layer_name: str | None = None,
     ) -> Linear8bitLt:
         """Quantize an ``nn.Dense`` / ``mint.nn.Linear`` for LLM.int8()."""
-        weight, bias, activation, prefix = dense_parts(cell)
-        layer = cls(
-            weight.shape[1],
-            weight.shape[0],
-            bias is not None,
-            has_fp16_weights,
-            threshold,
-            weight=weight,
-            bias_value=bias,
-            backend=backend,
-            layer_name=layer_name or prefix.rstrip(".") or None,
+        return cls._convert_dense(
+            cell,
+            layer_name,
+            lambda w, b, name: cls(
+                w.shape[1],
+                w.shape[0],
+                b is not None,
+                has_fp16_weights,
+                threshold,
+                weight=w,
+                bias_value=b,
+                backend=backend,
+                layer_name=name,
+            ),
         )
-        layer._set_activation(activation)
-        layer.name_parameters(prefix)
-        return layer
 
     @classmethod
     def from_bnb_state_dict(cls, state_dict: dict, prefix: str = "", **kwargs: Any) -> Linear8bitLt:

@@ -90,6 +90,8 @@ inline void i8_block(const int8_t *x, int64_t ldx, int mr, const int8_t *w, int6
 
 
 // ---- quantizer helpers --------------------------------------------------------------------------------------
+#include "quant_scalar.inc"  // index_pack_scalar for the tail of index_pack
+
 inline __mmask16 nonfinite_mask(__m512 v) {
   const __m512 a = _mm512_abs_ps(v);
   return _mm512_cmp_ps_mask(a, _mm512_set1_ps(3.402823466e38f), _CMP_NLE_UQ);  // > FLT_MAX or NaN
@@ -159,18 +161,7 @@ void index_pack(const float *p, int64_t n, bool divide, float factor, float mid,
                                        _mm_srli_epi16(bytes, 8));
     _mm_storel_epi64(reinterpret_cast<__m128i *>(out + i / 2), _mm_packus_epi16(pairs, pairs));
   }
-  for (; i < n; i += 2) {
-    uint8_t q[2];
-    for (int j = 0; j < 2; ++j) {
-      float v = p[i + j] - mid;
-      v = divide ? v / factor : v * factor;
-      v = v > 1.f ? 1.f : (v < -1.f ? -1.f : v);
-      int c = 0;
-      for (int b = 0; b < 15; ++b) c += v > bounds[b];
-      q[j] = order[c];
-    }
-    out[i / 2] = (uint8_t)((q[0] << 4) | q[1]);
-  }
+  if (i < n) index_pack_scalar(p + i, n - i, divide, factor, mid, bounds, order, out + i / 2);
 }
 
 }  // namespace

@@ -97,45 +97,14 @@ inline void i8_block(const int8_t *x, int64_t ldx, int mr, const int8_t *w, int6
 }
 
 
-// ---- quantizer helpers --------------------------------------------------------------------------------------
-inline bool nonfinite(float v) { return !(v - v == 0.f); }
-float absmax_n(const float *p, int64_t n, int64_t *bad) {
-  float m = 0.f;
-  int64_t nb = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float a = p[i] < 0 ? -p[i] : p[i];
-    nb += nonfinite(p[i]);
-    m = a > m ? a : m;
-  }
-  *bad += nb;
-  return m;
+#include "quant_scalar.inc"
+inline float absmax_n(const float *p, int64_t n, int64_t *bad) { return absmax_n_scalar(p, n, bad); }
+inline void minmax_n(const float *p, int64_t n, float *lo, float *hi, int64_t *bad) {
+  minmax_n_scalar(p, n, lo, hi, bad);
 }
-void minmax_n(const float *p, int64_t n, float *lo, float *hi, int64_t *bad) {
-  float mn = p[0], mx = p[0];
-  int64_t nb = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    nb += nonfinite(p[i]);
-    mn = p[i] < mn ? p[i] : mn;
-    mx = p[i] > mx ? p[i] : mx;
-  }
-  *bad += nb;
-  *lo = mn;
-  *hi = mx;
-}
-void index_pack(const float *p, int64_t n, bool divide, float factor, float mid, const float *bounds,
-                const uint8_t *order, uint8_t *out) {
-  for (int64_t i = 0; i < n; i += 2) {
-    uint8_t q[2];
-    for (int j = 0; j < 2; ++j) {
-      float v = p[i + j] - mid;
-      v = divide ? v / factor : v * factor;
-      v = v > 1.f ? 1.f : (v < -1.f ? -1.f : v);
-      int c = 0;
-      for (int b = 0; b < 15; ++b) c += v > bounds[b];
-      q[j] = order[c];
-    }
-    out[i / 2] = (uint8_t)((q[0] << 4) | q[1]);
-  }
+inline void index_pack(const float *p, int64_t n, bool divide, float factor, float mid, const float *bounds,
+                       const uint8_t *order, uint8_t *out) {
+  index_pack_scalar(p, n, divide, factor, mid, bounds, order, out);
 }
 
 }  // namespace
