@@ -32,13 +32,12 @@ class LinearView:
         return int(self.weight.shape[0])
 
 
-def _finish(layer, view: LinearView):
-    layer._set_activation(view.activation)
-    return layer
-
-
 def _scheme_4bit(p: dict) -> str:
     return p["quant_type"] + ("_asym" if not p["symmetric"] else "")
+
+
+def _from_view(cls, view: LinearView, **kwargs):
+    return cls.from_float(view.weight, view.bias, view.activation, view.path or None, **kwargs)
 
 
 @register_replacement(
@@ -56,21 +55,16 @@ def _scheme_4bit(p: dict) -> str:
 def linear4bit(view: LinearView, quant_type, blocksize, double_quant, compute_dtype, symmetric, backend):
     from .nn import Linear4bit
 
-    layer = Linear4bit(
-        view.in_features,
-        view.out_features,
-        view.bias is not None,
-        quant_type,
-        blocksize,
-        double_quant,
-        compute_dtype,
+    return _from_view(
+        Linear4bit,
+        view,
+        quant_type=quant_type,
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        compute_dtype=compute_dtype,
         symmetric=symmetric,
-        weight=view.weight,
-        bias_value=view.bias,
         backend=backend,
-        layer_name=view.path or None,
     )
-    return _finish(layer, view)
 
 
 @register_replacement(
@@ -81,19 +75,14 @@ def linear4bit(view: LinearView, quant_type, blocksize, double_quant, compute_dt
 def linear8bit(view: LinearView, symmetric, per_channel, has_fp16_weights, backend):
     from .nn import Linear8bit
 
-    layer = Linear8bit(
-        view.in_features,
-        view.out_features,
-        view.bias is not None,
+    return _from_view(
+        Linear8bit,
+        view,
         has_fp16_weights=has_fp16_weights,
         symmetric=symmetric,
         per_channel=per_channel,
-        weight=view.weight,
-        bias_value=view.bias,
         backend=backend,
-        layer_name=view.path or None,
     )
-    return _finish(layer, view)
 
 
 @register_replacement(
@@ -104,15 +93,4 @@ def linear8bit(view: LinearView, symmetric, per_channel, has_fp16_weights, backe
 def linear8bitlt(view: LinearView, threshold, has_fp16_weights, backend):
     from .nn import Linear8bitLt
 
-    layer = Linear8bitLt(
-        view.in_features,
-        view.out_features,
-        view.bias is not None,
-        has_fp16_weights,
-        threshold,
-        weight=view.weight,
-        bias_value=view.bias,
-        backend=backend,
-        layer_name=view.path or None,
-    )
-    return _finish(layer, view)
+    return _from_view(Linear8bitLt, view, threshold=threshold, has_fp16_weights=has_fp16_weights, backend=backend)

@@ -107,12 +107,28 @@ class QuantLinear(nn.Cell):
 
     # ---- python-side helpers ------------------------------------------------------------------------------------
     @classmethod
-    def _convert_dense(cls, cell: nn.Cell, layer_name: str | None, build):
-        """The shared part of ``from_dense``: read the float layer, ``build(weight, bias, name)`` the new
-        one, keep the activation and name the parameters after the replaced layer's."""
-        weight, bias, activation, prefix = dense_parts(cell)
-        layer = build(weight, bias, layer_name or prefix.rstrip(".") or None)
+    def from_float(cls, weight, bias=None, activation=None, layer_name: str | None = None, **kwargs: Any):
+        """Quantize a float linear layer given as arrays: ``y = activation(x @ weight.T + bias)``.
+
+        ``kwargs`` are the class's constructor options (quant_type, threshold, ...)."""
+        layer = cls(
+            weight.shape[1],
+            weight.shape[0],
+            bias is not None,
+            weight=weight,
+            bias_value=bias,
+            layer_name=layer_name,
+            **kwargs,
+        )
         layer._set_activation(activation)
+        return layer
+
+    @classmethod
+    def _convert_dense(cls, cell: nn.Cell, layer_name: str | None, **kwargs: Any):
+        """The shared part of ``from_dense``: read the float layer, quantize it with ``from_float`` and name
+        the parameters after the replaced layer's."""
+        weight, bias, activation, prefix = dense_parts(cell)
+        layer = cls.from_float(weight, bias, activation, layer_name or prefix.rstrip(".") or None, **kwargs)
         layer.name_parameters(prefix)
         return layer
 

@@ -183,20 +183,12 @@ class Linear4bit(QuantLinear):
         return cls._convert_dense(
             cell,
             layer_name,
-            lambda w, b, name: cls(
-                w.shape[1],
-                w.shape[0],
-                b is not None,
-                quant_type,
-                blocksize,
-                compress_statistics,
-                compute_dtype,
-                symmetric=symmetric,
-                weight=w,
-                bias_value=b,
-                backend=backend,
-                layer_name=name,
-            ),
+            quant_type=quant_type,
+            blocksize=blocksize,
+            compress_statistics=compress_statistics,
+            compute_dtype=compute_dtype,
+            symmetric=symmetric,
+            backend=backend,
         )
 
     @classmethod

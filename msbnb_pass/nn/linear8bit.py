@@ -114,20 +114,7 @@ class Linear8bit(QuantLinear):
     ) -> Linear8bit:
         """Quantize an ``nn.Dense`` / ``mint.nn.Linear`` to int8 (inference mode)."""
         return cls._convert_dense(
-            cell,
-            layer_name,
-            lambda w, b, name: cls(
-                w.shape[1],
-                w.shape[0],
-                b is not None,
-                has_fp16_weights=False,
-                symmetric=symmetric,
-                per_channel=per_channel,
-                weight=w,
-                bias_value=b,
-                backend=backend,
-                layer_name=name,
-            ),
+            cell, layer_name, has_fp16_weights=False, symmetric=symmetric, per_channel=per_channel, backend=backend
         )
 
     def dequantized_weight(self) -> np.ndarray:

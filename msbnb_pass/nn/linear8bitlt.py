@@ -133,19 +133,7 @@ class Linear8bitLt(QuantLinear):
     ) -> Linear8bitLt:
         """Quantize an ``nn.Dense`` / ``mint.nn.Linear`` for LLM.int8()."""
         return cls._convert_dense(
-            cell,
-            layer_name,
-            lambda w, b, name: cls(
-                w.shape[1],
-                w.shape[0],
-                b is not None,
-                has_fp16_weights,
-                threshold,
-                weight=w,
-                bias_value=b,
-                backend=backend,
-                layer_name=name,
-            ),
+            cell, layer_name, has_fp16_weights=has_fp16_weights, threshold=threshold, backend=backend
         )
 
     @classmethod
