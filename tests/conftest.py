@@ -10,8 +10,14 @@ os.environ.setdefault("GLOG_v", "3")
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 DATA = Path(__file__).resolve().parent / "data"
+
+# Property tests draw the same examples on every run and machine (CI runs must not differ) and keep no
+# example database in the working tree.
+settings.register_profile("msbnb", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.load_profile("msbnb")
 
 
 @pytest.fixture(autouse=True)

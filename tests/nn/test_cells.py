@@ -12,6 +12,8 @@ from mindspore import Tensor, mint, nn
 from msbnb_pass import Linear4bit, Linear8bit, Linear8bitLt
 from msbnb_pass import formats as fm
 
+from ..bounds import assert_matmul_close
+
 
 def dense(ms_cpu, n_in=512, n_out=256, seed=0, activation=None):
     rng = np.random.default_rng(seed)
@@ -135,9 +137,13 @@ def test_linear8bit_training_mode_then_inference(ms_cpu):
     assert names == ["bias", "weight"]  # the float weight trains
     grads = ms.grad(lambda t: layer(t).sum(), grad_position=None, weights=layer.trainable_params())(x)
     assert grads[1].shape == (32, 64)
+    # 0.5 * I: every output is one exact product, 0.5 * x_j
+    np.testing.assert_array_equal(y_train, 0.5 * x.asnumpy()[:, :32])
     layer.quantize_weights()
     assert layer.weight.dtype == ms.int8 and [p.name for p in layer.trainable_params()] == ["bias"]
-    np.testing.assert_allclose(layer(x).asnumpy(), y_train, atol=1e-6)  # 0.5 and 0 are exact in int8
+    W = layer.dequantized_weight()
+    assert np.abs(W - np.eye(32, 64) * 0.5).max() <= 0.5 * 2**-24  # 127 * fl(0.5 / 127): within one rounding
+    assert_matmul_close(layer(x).asnumpy(), x.asnumpy(), W, np.zeros(32))
 
 
 def test_linear8bitlt_with_float_weights_trains_through_the_float_weight(ms_cpu):
@@ -146,9 +152,10 @@ def test_linear8bitlt_with_float_weights_trains_through_the_float_weight(ms_cpu)
     x = Tensor(np.random.default_rng(3).standard_normal((5, 128)).astype(np.float32))
     grads = ms.grad(lambda t: layer(t).sum(), grad_position=0, weights=layer.trainable_params())(x)
     dx, (dw, db) = grads
-    np.testing.assert_allclose(dx.asnumpy(), np.tile(d.weight.asnumpy().sum(axis=0), (5, 1)), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dw.asnumpy(), np.tile(x.asnumpy().sum(axis=0), (64, 1)), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(db.asnumpy(), np.full(64, 5.0), rtol=1e-6)
+    dy = np.ones((5, 64), np.float32)  # d(sum y)/dy
+    assert_matmul_close(dx.asnumpy(), dy, d.weight.asnumpy().T, what="dx = dy @ W")
+    assert_matmul_close(dw.asnumpy(), dy.T, x.asnumpy().T, what="dW = dy^T @ x")
+    np.testing.assert_array_equal(db.asnumpy(), np.full(64, 5.0))  # a sum of five ones is exact
 
 
 def test_parameter_names_follow_the_replaced_layer(ms_cpu):
@@ -179,9 +186,10 @@ def test_mint_linear_and_dequantize(ms_cpu):
     q = Linear4bit.from_dense(lin, "nf4", 32)
     back = q.dequantize()
     assert isinstance(back, nn.Dense)
-    x = Tensor(np.random.default_rng(4).standard_normal((3, 96)).astype(np.float32))
-    np.testing.assert_allclose(back(x).asnumpy(), q(x).asnumpy(), rtol=1e-5, atol=1e-5)
+    x = np.random.default_rng(4).standard_normal((3, 96)).astype(np.float32)
     np.testing.assert_array_equal(back.weight.asnumpy(), q.dequantized_weight())
+    for cell in (back, q):  # the float layer and the fused kernel compute the same product
+        assert_matmul_close(cell(Tensor(x)).asnumpy(), x, back.weight.asnumpy(), back.bias.asnumpy())
 
 
 def test_bitsandbytes_state_dicts(ms_cpu, bnb_golden):
@@ -193,7 +201,7 @@ def test_bitsandbytes_state_dicts(ms_cpu, bnb_golden):
     assert (layer.out_features, layer.in_features, layer.quant_type, layer.blocksize) == (130, 257, "nf4", 64)
     x = np.random.default_rng(5).standard_normal((2, 257)).astype(np.float32)
     W = fm.dequantize_4bit(sd["lin.weight"], fm.QuantState.from_state_dict("lin.weight", sd))
-    np.testing.assert_allclose(layer(Tensor(x)).asnumpy(), x @ W.T, rtol=1e-5, atol=1e-5)
+    assert_matmul_close(layer(Tensor(x)).asnumpy(), x, W, what="bitsandbytes NF4 state dict")
     out = layer.bnb_state_dict("lin.")
     assert sorted(out) == sorted(sd)
     for key in sd:
