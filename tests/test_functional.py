@@ -78,19 +78,40 @@ def test_seed_scenario_4(weight):
     assert info["compression_ratio"] == 4.0 and info["memory_saving"] == 0.75
 
 
-def test_8bit_matches_the_numpy_oracle(weight):
-    w = weight.asnumpy()
+def test_8bit_follows_the_format_definition(weight):
+    """Checked against the definition, not against the numpy oracle the functions are built on: symmetric
+    q = round(w * 127 / absmax) with scale = absmax / 127; asymmetric [min(w, 0), max(w, 0)] onto [-128, 127]
+    with an integer zero point; dequantize = (q - offset) * scale; every weight within half a step."""
+    w = weight.asnumpy().astype(np.float64)
     for symmetric in (True, False):
         for per_channel in (True, False):
             q, scale, offset = msbnb_pass.quantize_8bit(weight, symmetric=symmetric, per_channel=per_channel)
-            rq, rs, ro = fm.quantize_int8(w, symmetric=symmetric, per_channel=per_channel)
-            np.testing.assert_array_equal(q.asnumpy(), rq)
-            np.testing.assert_array_equal(scale.asnumpy(), rs)
-            assert (offset is None) == (ro is None)
-            deq = msbnb_pass.dequantize_8bit(q, scale, offset).asnumpy()
-            np.testing.assert_array_equal(deq, fm.dequantize_int8(rq, rs, ro))
-            step = rs.max()
-            assert np.abs(deq - w).max() <= step / 2 * (1 + 1e-4)
+            q, scale = q.asnumpy(), scale.asnumpy()
+            assert q.dtype == np.int8 and q.shape == w.shape and scale.dtype == np.float32
+            assert scale.shape == ((w.shape[0],) if per_channel else (1,))
+            s = scale.astype(np.float64).reshape(-1, 1)
+            axis = 1 if per_channel else None
+            if symmetric:
+                assert offset is None
+                absmax = np.abs(w).max(axis=axis, keepdims=True)
+                np.testing.assert_array_equal(scale.reshape(s.shape), (absmax / 127).astype(np.float32))
+                exact = w * 127 / absmax
+                assert np.all(np.abs(q - exact) <= 0.5 + 1e-5)  # nearest (ties within float32 rounding)
+                assert np.all(np.abs(q).max(axis=axis) == 127)  # the absmax maps onto +-127
+                deq_ref = q.astype(np.float64) * s
+            else:
+                off = offset.asnumpy().astype(np.float64).reshape(-1, 1)
+                assert np.all(off == np.rint(off)) and np.all((off >= -128) & (off <= 127))
+                lo = np.minimum(w.min(axis=axis, keepdims=True), 0)
+                hi = np.maximum(w.max(axis=axis, keepdims=True), 0)
+                np.testing.assert_allclose(s.reshape(lo.shape), (hi - lo) / 255, rtol=2**-23)
+                assert q.min() == -128 or q.max() == 127
+                deq_ref = (q.astype(np.float64) - off) * s
+            deq = msbnb_pass.dequantize_8bit(*msbnb_pass.quantize_8bit(weight, symmetric, per_channel)).asnumpy()
+            # one float32 rounding of the product (q - offset) * scale, whose factors are exact
+            assert np.all(np.abs(deq - deq_ref) <= np.abs(deq_ref) * 2**-24)
+            step = np.broadcast_to(s, w.shape)
+            assert np.all(np.abs(deq - w) <= step / 2 * (1 + 1e-4))
 
 
 @pytest.mark.parametrize("quant_type", ["int4", "nf4", "fp4"])

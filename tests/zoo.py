@@ -268,3 +268,37 @@ def make_containers():
 
 def make_uses_my_linear():
     return UsesMyLinear()
+
+
+class ProjBias(nn.Cell):
+    """self.mm(x, self.w) followed by self.add(<that>, self.b): the fused matmul-param-bias pattern, once with a
+    transposed weight ([out, in], transpose_b=True) and once untransposed ([in, out], transpose_b=False)."""
+
+    def __init__(self, d=64, seed=6):
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        self.w_t = Parameter(_w(rng, 2 * d, d), name="w_t")  # [out, in]
+        self.b_t = Parameter(_w(rng, 2 * d), name="b_t")
+        self.mm_t = ops.MatMul(transpose_b=True)
+        self.add_t = ops.BiasAdd()
+        self.w_n = Parameter(_w(rng, 2 * d, d), name="w_n")  # [in, out]
+        self.b_n = Parameter(_w(rng, d), name="b_n")
+        self.mm_n = ops.MatMul()
+        self.add_n = ops.Add()
+
+    def construct(self, x):
+        h = ops.relu(self.add_t(self.mm_t(x, self.w_t), self.b_t))
+        return self.add_n(self.mm_n(h, self.w_n), self.b_n)
+
+
+class TransposedActivation(nn.Cell):
+    """self.mm(x, self.w) with transpose_a=True: x is [in, rows], which the quantized matmul does not take."""
+
+    def __init__(self, d=64, seed=7):
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        self.w = Parameter(_w(rng, d, d), name="w")
+        self.mm = ops.MatMul(transpose_a=True, transpose_b=True)
+
+    def construct(self, x):
+        return self.mm(x, self.w)

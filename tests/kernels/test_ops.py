@@ -281,9 +281,7 @@ FUZZ_KINDS = [
 ]
 
 
-@needs_lib
-@settings(max_examples=60, deadline=None)
-@given(
+FUZZ_CASE = dict(
     n=st.integers(1, 40),
     k=st.integers(1, 300),
     m=st.integers(0, 9),
@@ -294,7 +292,25 @@ FUZZ_KINDS = [
     half=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+
+
+@needs_lib
+@settings(max_examples=60)
+@given(**FUZZ_CASE)
 def test_kernel_fuzz_against_oracle(n, k, m, kind, threshold, isa, threads, half, seed):
+    fuzz_case(n, k, m, kind, threshold, isa, threads, half, seed)
+
+
+@needs_lib
+@pytest.mark.slow
+@settings(max_examples=2000, derandomize=False)
+@given(**FUZZ_CASE)
+def test_kernel_fuzz_long(n, k, m, kind, threshold, isa, threads, half, seed):
+    """The same property on 2,000 fresh random cases each run (`pytest -m slow`, about 30 s on 2 cores)."""
+    fuzz_case(n, k, m, kind, threshold, isa, threads, half, seed)
+
+
+def fuzz_case(n, k, m, kind, threshold, isa, threads, half, seed):
     """Shapes (K odd, K < blocksize, blocks straddling rows, N = 1, M = 0), formats, double quantization,
     thresholds, float16 inputs, thread counts and every instruction set against the oracle."""
     import mindspore

@@ -75,10 +75,21 @@ def test_output_within_the_format_bound_of_the_float_layer(ms_cpu, fmt):
 def test_nd_inputs_and_activation_are_kept(ms_cpu, fmt):
     d = dense(ms_cpu, activation="relu")
     q = CONVERTERS[fmt](d)
-    x = Tensor(np.random.default_rng(2).standard_normal((2, 3, 512)).astype(np.float32))
-    y = q(x).asnumpy()
-    assert y.shape == (2, 3, 256) and y.min() >= 0.0
+    x = np.random.default_rng(2).standard_normal((2, 3, 512)).astype(np.float32)
+    y = q(Tensor(x)).asnumpy()
+    assert y.shape == (2, 3, 256)
     assert q.activation_flag and isinstance(q.activation, nn.ReLU)
+    q.activation_flag = False
+    pre = q(Tensor(x)).asnumpy()
+    np.testing.assert_array_equal(y, np.maximum(pre, 0))  # the activation applied to the product
+    assert (pre < 0).mean() > 0.3  # ... and it mattered
+    if fmt == "llm_int8":
+        ref = fm.int8_mixed_matmul(x.reshape(6, 512), q.weight.asnumpy(), q.SCB.asnumpy(), 6.0, bias=d.bias.asnumpy())
+        W = q.dequantized_weight()
+        mag = np.abs(x.reshape(6, 512)) @ np.abs(W.T)
+        assert np.all(np.abs(pre.reshape(6, 256) - ref) <= (6 + 2) * 2**-24 * mag + 4 * 2**-24 * np.abs(ref))
+    else:
+        assert_matmul_close(pre, x, q.dequantized_weight(), d.bias.asnumpy())
 
 
 def test_memory_after_conversion_is_the_format_size(ms_cpu):
@@ -119,8 +130,10 @@ def test_seed_layer_examples(ms_cpu):
     assert layer.has_fp16_weights and layer.weight.dtype == ms.float32
     layer = Linear4bit(in_features=768, out_features=3072, bias=True, group_size=128, compress_statistics=True)
     assert layer.quant_state.nested
-    y = layer(Tensor(np.ones((2, 768), np.float32)))
+    x = np.ones((2, 768), np.float32)
+    y = layer(Tensor(x)).asnumpy()
     assert y.shape == (2, 3072)
+    assert_matmul_close(y, x, layer.dequantized_weight(), layer.bias.asnumpy())
 
 
 def test_linear8bit_training_mode_then_inference(ms_cpu):
@@ -271,3 +284,25 @@ def test_scalar_input_is_refused(ms_cpu):
     q = Linear8bit.from_dense(dense(ms_cpu, 64, 32), layer_name="fc")
     with pytest.raises(ValueError, match=r"fc: input must have at least one dimension \(..., 64\), got a scalar"):
         q(Tensor(np.float32(1.0)))
+
+
+def test_linear8bitlt_state_dict_is_bitsandbytes_layout(ms_cpu, bnb_golden):
+    """CB and SCB recorded from bitsandbytes' int8_vectorwise_quant, in the keys, dtypes and shapes transformers
+    saves for a Linear8bitLt: weight int8 [out, in], SCB float32 [out], weight_format uint8 scalar (0 = row)."""
+    A = bnb_golden["input/a130x257"]
+    CB, SCB = bnb_golden["int8/a130x257/CB"], bnb_golden["int8/a130x257/SCB"]
+    layer = Linear8bitLt(257, 130, bias=False, weight=A, threshold=6.0, layer_name="fc")
+    sd = layer.bnb_state_dict("fc.")
+    assert sorted(sd) == ["fc.SCB", "fc.weight", "fc.weight_format"]
+    assert sd["fc.weight"].dtype == np.int8 and sd["fc.weight"].shape == (130, 257)
+    np.testing.assert_array_equal(sd["fc.weight"], CB)
+    assert sd["fc.SCB"].dtype == np.float32 and sd["fc.SCB"].shape == (130,)
+    np.testing.assert_array_equal(sd["fc.SCB"].view(np.uint32), SCB.view(np.uint32))
+    assert (
+        sd["fc.weight_format"].dtype == np.uint8 and sd["fc.weight_format"].shape == () and sd["fc.weight_format"] == 0
+    )
+    # and bitsandbytes' own tensors load into a layer computing with them
+    loaded = Linear8bitLt.from_bnb_state_dict({"weight": CB, "SCB": SCB, "weight_format": np.array(0, np.uint8)})
+    np.testing.assert_array_equal(loaded.weight.asnumpy(), CB)
+    x = np.random.default_rng(9).standard_normal((3, 257)).astype(np.float32)
+    np.testing.assert_array_equal(loaded(Tensor(x)).asnumpy(), layer(Tensor(x)).asnumpy())
