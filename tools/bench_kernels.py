@@ -5,6 +5,17 @@ Run by hand (not a test); it takes several minutes:
     python tools/bench_kernels.py                        # the full table, printed and as JSON
     python tools/bench_kernels.py --quick                # one shape, M in {1, 32}
     python tools/bench_kernels.py --bnb-python /path/to/venv/bin/python   # + bitsandbytes in the same run
+    python tools/bench_kernels.py --sections stack,small  # only the decode-style sections
+
+Three sections, each timing every variant the way users run it (compiled under ``ms.jit``, several layers
+per call) with fp32 ``nn.Dense`` in the same run:
+
+* ``wide`` -- single layers of LLaMA-7B shapes at M in {1, 8, 32, 128, 512}: each call runs L distinct layers
+  on the same input and sums their outputs;
+* ``stack`` -- a stack of 48 square 4096x4096 layers applied one after the other (``y = layer(y)``), as a
+  decoder runs them, at M in {1, 32, 128} (``--stack-layers``, ``--stack-m``);
+* ``small`` -- the linears of one SmolLM2-135M forward at T = 1 (30 x q, k, v, o, gate, up, down and the
+  49152 x 576 head: 211 layers, 134M weights), one compiled call, where per-call overheads decide speed.
 
 For every (K, N) and M, each variant runs as a chain of L distinct layers under ``ms.jit`` (one compiled
 call sums the outputs of all layers on the same input), with L chosen so that the variant's weights
@@ -34,7 +45,8 @@ import numpy as np
 os.environ.setdefault("GLOG_v", "3")
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
-MS = [1, 8, 32, 128]
+MS = [1, 8, 32, 128, 512]
+SECTIONS = ["wide", "stack", "small"]
 # at least this many layers per chain, so the ~1 ms cost of one jit call is spread thin
 MIN_LAYERS = 8
 VARIANTS = ["fp32", "nf4_dq", "fp4_dq", "int4", "int8", "llm_int8_t0", "llm_int8_t6"]
@@ -66,13 +78,13 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def make_layers(variant: str, K: int, N: int, count: int, rng: np.random.Generator):
+def make_layers(variant: str, K: int, N: int, count: int, rng: np.random.Generator, scale: float = 0.02):
     """``count`` distinct layers of one variant (the same values, separate memory)."""
     from mindspore import Tensor, nn
 
     from msbnb_pass import Linear4bit, Linear8bit, Linear8bitLt
 
-    W = (rng.standard_normal((N, K), dtype=np.float32) * 0.02).astype(np.float32)
+    W = (rng.standard_normal((N, K), dtype=np.float32) * scale).astype(np.float32)
     if variant == "fp32":
         return [nn.Dense(K, N, weight_init=Tensor(W.copy()), has_bias=False) for _ in range(count)]
     if variant in ("nf4_dq", "fp4_dq", "int4"):
@@ -140,6 +152,162 @@ def input_for(M: int, K: int, variant: str, rng: np.random.Generator):
     return Tensor(x)
 
 
+def time_stack(layers, x, reps: int) -> float:
+    """Median seconds per layer of one jit call applying the layers one after the other."""
+    import mindspore as ms
+    from mindspore import nn
+
+    class Stack(nn.Cell):
+        def __init__(self, cells):
+            super().__init__()
+            self.blocks = nn.CellList(cells)
+
+        def construct(self, inp):
+            for block in self.blocks:
+                inp = block(inp)
+            return inp
+
+    stack = Stack(layers)
+
+    @ms.jit
+    def run(inp):
+        return stack(inp)
+
+    run(x).asnumpy()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        run(x).asnumpy()
+        times.append((time.perf_counter() - start) / len(layers))
+    return statistics.median(times)
+
+
+# SmolLM2-135M: hidden 576, 9 query heads and 3 key/value heads of 64, SwiGLU 1536, 30 layers, vocab 49152
+SMOL = {"hidden": 576, "kv": 192, "ffn": 1536, "layers": 30, "vocab": 49152}
+
+
+def smol_linears(variant: str, rng: np.random.Generator):
+    """The 211 linear layers of SmolLM2-135M in one variant: per block q, k, v, o, gate, up, down, then the head."""
+    h, kv, f = SMOL["hidden"], SMOL["kv"], SMOL["ffn"]
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, f), (h, f), (f, h)]
+    blocks = [[make_layers(variant, k, n, 1, rng, 1 / np.sqrt(k))[0] for k, n in shapes] for _ in range(SMOL["layers"])]
+    head = make_layers(variant, h, SMOL["vocab"], 1, rng, 1 / np.sqrt(h))[0]
+    return blocks, head
+
+
+def time_smol_forward(blocks, head, x, reps: int) -> float:
+    """Median seconds of one jit call running every linear of a T = 1 forward (attention and norms left out:
+    q/k/v/o and gate/up/down are fed from the running hidden state so each layer's input depends on the last)."""
+    import mindspore as ms
+    from mindspore import nn
+
+    class Block(nn.Cell):
+        def __init__(self, cells):
+            super().__init__()
+            self.q, self.k, self.v, self.o, self.gate, self.up, self.down = cells
+
+        def construct(self, hs):
+            att = self.q(hs) + (self.k(hs) + self.v(hs)).sum() * 1e-3
+            hs = hs + self.o(att)
+            return hs + self.down(self.gate(hs) * self.up(hs))
+
+    class Linears(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.CellList([Block(b) for b in blocks])
+            self.head = head
+
+        def construct(self, hs):
+            for block in self.blocks:
+                hs = block(hs)
+            return self.head(hs)
+
+    net = Linears()
+
+    @ms.jit
+    def run(inp):
+        return net(inp)
+
+    run(x).asnumpy()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        run(x).asnumpy()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def print_row(row: dict) -> None:
+    ratio = f"{row['speedup_vs_fp32']:.2f}" if row.get("speedup_vs_fp32") else "-"
+    print(
+        f"{row['section']:<6} {row['K']:>6} {row['N']:>6} {row['M']:>4}  {row['variant']:<14} "
+        f"{row['ms_per_layer']:>9.3f} {ratio:>7} {row['gb_per_s']:>7.1f} {row['layers']:>6}",
+        flush=True,
+    )
+
+
+def run_stack(variants, K: int, count: int, ms_list, reps: int, rng) -> list[dict]:
+    from mindspore import Tensor
+
+    rows = []
+    sets = {}
+    for variant in variants:
+        layers = make_layers(variant, K, K, count, rng, 1 / np.sqrt(K))
+        sets[variant] = (layers, weight_bytes(layers[0]))
+    for M in ms_list:
+        x = Tensor(rng.standard_normal((M, K), dtype=np.float32))
+        fp32_time = None
+        for variant in variants:
+            layers, wbytes = sets[variant]
+            t = time_stack(layers, x, reps)
+            fp32_time = t if variant == "fp32" else fp32_time
+            row = {
+                "section": "stack",
+                "K": K,
+                "N": K,
+                "M": M,
+                "variant": variant,
+                "ms_per_layer": t * 1e3,
+                "weight_bytes": wbytes,
+                "gb_per_s": wbytes / t / 1e9,
+                "layers": count,
+                "speedup_vs_fp32": (fp32_time / t) if fp32_time else None,
+            }
+            rows.append(row)
+            print_row(row)
+    return rows
+
+
+def run_small(variants, reps: int, rng) -> list[dict]:
+    from mindspore import Tensor
+
+    rows = []
+    x = Tensor(rng.standard_normal((1, SMOL["hidden"]), dtype=np.float32))
+    fp32_time = None
+    for variant in variants:
+        blocks, head = smol_linears(variant, rng)
+        wbytes = sum(weight_bytes(c) for b in blocks for c in b) + weight_bytes(head)
+        t = time_smol_forward(blocks, head, x, reps)
+        fp32_time = t if variant == "fp32" else fp32_time
+        row = {
+            "section": "small",
+            "K": SMOL["hidden"],
+            "N": SMOL["vocab"],
+            "M": 1,
+            "variant": variant,
+            "ms_per_layer": t * 1e3 / 211,
+            "ms_per_forward": t * 1e3,
+            "weight_bytes": wbytes,
+            "gb_per_s": wbytes / t / 1e9,
+            "layers": 211,
+            "speedup_vs_fp32": (fp32_time / t) if fp32_time else None,
+        }
+        rows.append(row)
+        print_row(row)
+        del blocks, head
+    return rows
+
+
 def run_bnb(python: str, shapes, ms_list, reps: int, stream_bytes: int) -> list[dict]:
     helper = Path(__file__).with_name("_bench_bnb.py")
     cmd = [
@@ -193,6 +361,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="kernel threads (default: the library's)")
     parser.add_argument("--bnb-python", help="an interpreter with torch + bitsandbytes to add their CPU layers")
     parser.add_argument("--quick", action="store_true", help="4096x4096, M in {1, 32}")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="which of wide, stack, small to run")
+    parser.add_argument("--stack-layers", type=int, default=48, help="layers in the stack section")
+    parser.add_argument("--stack-m", default="1,32,128", help="batch sizes of the stack section")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
 
@@ -207,6 +378,7 @@ def main(argv=None) -> int:
     ms_list = [int(v) for v in args.m.split(",")]
     if args.quick:
         shapes, ms_list = [(4096, 4096)], [1, 32]
+        args.stack_m = "1,32"
     variants = args.variants.split(",")
     stream = (args.stream_mb << 20) if args.stream_mb else max(3 * l3_bytes(), 512 << 20)
     meta = {
@@ -226,10 +398,19 @@ def main(argv=None) -> int:
     )
     rows: list[dict] = []
     rng = np.random.default_rng(0)
-    header = f"{'K':>6} {'N':>6} {'M':>4}  {'variant':<14} {'ms/layer':>9} {'x fp32':>7} {'GB/s':>7} {'layers':>6}"
+    sections = args.sections.split(",")
+    header = (
+        f"{'where':<6} {'K':>6} {'N':>6} {'M':>4}  {'variant':<14} {'ms/layer':>9} {'x fp32':>7} {'GB/s':>7} "
+        f"{'layers':>6}"
+    )
     print(header)
     print("-" * len(header))
-    for K, N in shapes:
+    if "stack" in sections:
+        stack_m = [int(v) for v in args.stack_m.split(",")]
+        rows += run_stack(variants, 4096, args.stack_layers, stack_m, args.reps, rng)
+    if "small" in sections:
+        rows += run_small(variants, args.reps, rng)
+    for K, N in shapes if "wide" in sections else []:
         layer_sets = {}
         for variant in variants:
             probe = make_layers(variant, K, N, 1, rng)[0]
@@ -243,6 +424,7 @@ def main(argv=None) -> int:
                 if variant == "fp32":
                     fp32_time = t
                 row = {
+                    "section": "wide",
                     "K": K,
                     "N": N,
                     "M": M,
@@ -254,14 +436,9 @@ def main(argv=None) -> int:
                     "speedup_vs_fp32": (fp32_time / t) if fp32_time else None,
                 }
                 rows.append(row)
-                ratio = f"{row['speedup_vs_fp32']:.2f}" if row["speedup_vs_fp32"] else "-"
-                print(
-                    f"{K:>6} {N:>6} {M:>4}  {variant:<14} {t * 1e3:>9.3f} {ratio:>7} {row['gb_per_s']:>7.1f} "
-                    f"{len(layers):>6}",
-                    flush=True,
-                )
+                print_row(row)
         del layer_sets
-    if args.bnb_python:
+    if args.bnb_python and "wide" in sections:
         bnb_rows = run_bnb(args.bnb_python, shapes, ms_list, args.reps, stream)
         by_key = {(r["K"], r["N"], r["M"]): r for r in rows if r["variant"] == "fp32"}
         print("\n# bitsandbytes (torch CPU), same run; 'x fp32' is against MindSpore's fp32 Dense above")
@@ -269,10 +446,8 @@ def main(argv=None) -> int:
             fp = by_key.get((r["K"], r["N"], r["M"]))
             r["speedup_vs_fp32"] = fp["ms_per_layer"] / r["ms_per_layer"] if fp else None
             rows.append(r)
-            print(
-                f"{r['K']:>6} {r['N']:>6} {r['M']:>4}  {r['variant']:<14} {r['ms_per_layer']:>9.3f} "
-                f"{r['speedup_vs_fp32'] or 0:>7.2f} {r['gb_per_s']:>7.1f} {r['layers']:>6}"
-            )
+            r["section"] = "wide"
+            print_row(r)
     quant = bench_quantize(max(3, args.reps // 2))
     print("\n# quantizing one 4096x11008 fp32 weight")
     for q in quant:
