@@ -114,7 +114,6 @@ def weight_bytes(layer) -> int:
 
 def time_chain(layers, x, reps: int) -> float:
     """Median seconds per layer of one jit call that runs every layer on ``x``."""
-    import mindspore as ms
     from mindspore import nn
 
     class Chain(nn.Cell):
@@ -128,18 +127,23 @@ def time_chain(layers, x, reps: int) -> float:
                 y = y + self.blocks[i](inp)
             return y
 
-    chain = Chain(layers)
+    return median_call_seconds(Chain(layers), x, reps) / len(layers)
+
+
+def median_call_seconds(net, x, reps: int) -> float:
+    """Median wall time of one ``ms.jit`` call of ``net(x)`` (compiled and warmed up first)."""
+    import mindspore as ms
 
     @ms.jit
     def run(inp):
-        return chain(inp)
+        return net(inp)
 
     run(x).asnumpy()  # compile + warm up
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         run(x).asnumpy()
-        times.append((time.perf_counter() - start) / len(layers))
+        times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
@@ -154,7 +158,6 @@ def input_for(M: int, K: int, variant: str, rng: np.random.Generator):
 
 def time_stack(layers, x, reps: int) -> float:
     """Median seconds per layer of one jit call applying the layers one after the other."""
-    import mindspore as ms
     from mindspore import nn
 
     class Stack(nn.Cell):
@@ -167,19 +170,7 @@ def time_stack(layers, x, reps: int) -> float:
                 inp = block(inp)
             return inp
 
-    stack = Stack(layers)
-
-    @ms.jit
-    def run(inp):
-        return stack(inp)
-
-    run(x).asnumpy()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        run(x).asnumpy()
-        times.append((time.perf_counter() - start) / len(layers))
-    return statistics.median(times)
+    return median_call_seconds(Stack(layers), x, reps) / len(layers)
 
 
 # SmolLM2-135M: hidden 576, 9 query heads and 3 key/value heads of 64, SwiGLU 1536, 30 layers, vocab 49152
@@ -198,7 +189,6 @@ def smol_linears(variant: str, rng: np.random.Generator):
 def time_smol_forward(blocks, head, x, reps: int) -> float:
     """Median seconds of one jit call running every linear of a T = 1 forward (attention and norms left out:
     q/k/v/o and gate/up/down are fed from the running hidden state so each layer's input depends on the last)."""
-    import mindspore as ms
     from mindspore import nn
 
     class Block(nn.Cell):
@@ -222,19 +212,7 @@ def time_smol_forward(blocks, head, x, reps: int) -> float:
                 hs = block(hs)
             return self.head(hs)
 
-    net = Linears()
-
-    @ms.jit
-    def run(inp):
-        return net(inp)
-
-    run(x).asnumpy()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        run(x).asnumpy()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_call_seconds(Linears(), x, reps)
 
 
 def print_row(row: dict) -> None:
