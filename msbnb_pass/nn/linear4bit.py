@@ -10,6 +10,7 @@ from mindspore import Tensor, nn
 
 from .. import formats
 from ..config import dtype_to_str
+from ..errors import QuantizationError
 from ..formats import _checks
 from ..formats.codebooks import QUANT_TYPES_4BIT
 from ..formats.quant_state import QuantState, to_numpy
@@ -89,9 +90,12 @@ class Linear4bit(QuantLinear):
                 raise ValueError(
                     f"{owner}: weight must have shape {(self.out_features, self.in_features)}, got {w.shape}"
                 )
-            packed, quant_state = fast.quantize_4bit(
-                w, self.blocksize, quant_type, self.compress_statistics, symmetric=self.symmetric
-            )
+            try:
+                packed, quant_state = fast.quantize_4bit(
+                    w, self.blocksize, quant_type, self.compress_statistics, symmetric=self.symmetric
+                )
+            except QuantizationError as exc:
+                raise QuantizationError(f"{owner}: weight: {str(exc).removeprefix('A: ')}") from None
         self._load_quantized(np.asarray(packed), quant_state)
         if self.has_bias:
             b = np.zeros(self.out_features, np.float32) if bias_value is None else np.asarray(bias_value, np.float32)
