@@ -8,7 +8,8 @@ value it got and what is accepted. This module imports nothing, so every other m
 * ``MatchConflict``    two rules of equal priority match one layer
 * ``RewriteError``     a rewrite failed; the network was restored
 * ``PassError``        the pass could not run (bad arguments, sample inputs the network rejects)
-* ``CheckpointError``  a state dict or checkpoint does not fit the layer (names the tensor)
+* ``CheckpointError``  a state dict or checkpoint does not fit the layer (names the tensor);
+                       ``CheckpointKeyError`` (also a KeyError) when a tensor is missing
 * ``ConfigError``      a quantization config is invalid (unknown or misspelt arguments)
 * ``QuantizationError`` values that cannot be quantized (NaN/Inf, beyond the float32 range)
 * ``CLIError``         a command-line argument is unusable (output paths, shapes)
@@ -42,6 +43,12 @@ class PassError(MsbnbError):
 
 class CheckpointError(MsbnbError):
     """A state dict or checkpoint does not fit: the message names the tensor, what it holds and what is needed."""
+
+
+class CheckpointKeyError(CheckpointError, KeyError):
+    """A state dict lacks a tensor (also a KeyError, as a missing key always was)."""
+
+    __str__ = BaseException.__str__  # KeyError would quote the message
 
 
 class ConfigError(MsbnbError):

@@ -10,7 +10,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeUniform, Uniform, initializer
 
-from ..errors import MsbnbError, QuantizationError
+from ..errors import CheckpointError, MsbnbError, QuantizationError
 from ..formats.quant_state import to_numpy
 
 FLOAT_INPUTS = (ms.float32, ms.float16)
@@ -67,6 +67,17 @@ def check_finite_stats(owner: str, error: type[MsbnbError] = QuantizationError, 
                 f"{owner}: {name} holds {int(bad.sum())} non-finite value(s) (first at index "
                 f"{first}): {arr.reshape(-1)[first]!r}; the quantization statistics must be finite"
             )
+
+
+def _checked_bias(key: str, value: Any, out_features: int) -> np.ndarray:
+    """A state dict's bias as float32 [out], or a CheckpointError naming the tensor."""
+    b = np.asarray(to_numpy(value))
+    if b.dtype.kind != "f" or b.shape != (out_features,):
+        raise CheckpointError(
+            f"'{key}' must be a float tensor of shape [{out_features}], got {b.dtype} of shape {list(b.shape)}"
+        )
+    check_finite_stats(key.rpartition(".")[0] or "<root>", CheckpointError, **{key.rpartition(".")[2]: b})
+    return b.astype(np.float32)
 
 
 class QuantLinear(nn.Cell):
