@@ -170,9 +170,14 @@ def _load_config(path: str):
     try:
         if "bits" in data:
             return (Int8Config if data["bits"] == 8 else Int4Config).from_dict(data)
-        return BitsAndBytesConfig.from_dict(data)
+        config, unused = BitsAndBytesConfig.from_dict(data, return_unused_kwargs=True)
     except (ValueError, TypeError) as exc:
         raise CLIError(f"--config {path}: {exc}") from None
+    if unused:  # a file the user wrote: a misspelt key must not be ignored silently
+        from .config import _unknown_arguments
+
+        raise CLIError(f"--config {path}: {_unknown_arguments('BitsAndBytesConfig', unused)}")
+    return config
 
 
 def _rules(args):
@@ -191,11 +196,12 @@ def _inputs(args):
     import mindspore as ms
     import numpy as np
 
-    if not args.input_shape:
+    shapes = _input_shapes(args)
+    if not shapes:
         return None
     rng = np.random.default_rng(args.seed)
     out = []
-    for shape in _input_shapes(args):
+    for shape in shapes:
         if args.input_dtype.startswith("int"):
             out.append(ms.Tensor(rng.integers(0, args.input_max, shape).astype(args.input_dtype)))
         else:
@@ -205,6 +211,8 @@ def _inputs(args):
 
 def _input_shapes(args) -> list[tuple[int, ...]]:
     """--input-shape/--input-dtype/--input-max checked before anything runs."""
+    if not hasattr(args, "input_dtype"):  # a command without generated inputs
+        return []
     if args.input_dtype not in INPUT_DTYPES:
         raise CLIError(f"--input-dtype must be one of {list(INPUT_DTYPES)}, got {args.input_dtype!r}")
     if args.input_max < 1:

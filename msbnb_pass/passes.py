@@ -381,7 +381,10 @@ def _kept_layers(
         if d.rule:
             continue
         why = d.note or "no rule applies"
-        for rule in sorted(ruleset, key=lambda r: -r.priority):
+        ranked = sorted(ruleset, key=lambda r: (-r.priority, r.name))
+        # the most specific reason first: "the surrounding graph does not fit" says least
+        ranked.sort(key=lambda r: d.reasons.get(r.name, "").startswith("the surrounding graph"))
+        for rule in ranked:
             reason = d.reasons.get(rule.name)
             if reason is None:
                 continue

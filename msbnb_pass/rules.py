@@ -465,6 +465,7 @@ class Rule:
     source: str = "<python>"
     line: int | None = field(default=None, compare=False)
     _replacement: Replacement | None = field(default=None, repr=False, compare=False)
+    _locate: Callable[[str, int], int | None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         where = self.origin()
@@ -481,9 +482,13 @@ class Rule:
         if not isinstance(self.description, str):
             raise RuleError(f"{where}: 'description' must be a string, got {self.description!r}")
 
-    def origin(self) -> str:
-        """``file:line: rule 'name'`` (or ``<python>: rule 'name'``) for messages."""
-        loc = f"{self.source}:{self.line}" if self.line else self.source
+    def origin(self, needle: str | None = None) -> str:
+        """``file:line: rule 'name'`` (or ``<python>: rule 'name'``) for messages; with ``needle``, the line
+        is the first one of the rule's text that mentions it (a key or an offending value)."""
+        line = self.line
+        if needle and self._locate is not None and self.line:
+            line = self._locate(needle, self.line) or self.line
+        loc = f"{self.source}:{line}" if line else self.source
         return f"{loc}: rule {self.name!r}"
 
     @property
@@ -666,14 +671,15 @@ class RuleSet:
         for key, value in rule.where.items():
             if key not in self._checks:
                 raise RuleError(
-                    f"{where}: unknown condition 'where.{key}'{did_you_mean(key, self._checks)}; "
+                    f"{rule.origin(key)}: unknown condition 'where.{key}'{did_you_mean(key, self._checks)}; "
                     f"known: {sorted(self._checks)}"
                 )
             validate = self._checks[key].validate
             try:
                 conditions[key] = validate(value) if validate else copy.deepcopy(value)
             except ValueError as exc:
-                raise RuleError(f"{where}: where.{key}: {exc}") from None
+                bad = next((v for v in _as_list(value) if isinstance(v, str) and v in str(exc)), key)
+                raise RuleError(f"{rule.origin(bad)}: where.{key}: {exc}") from None
         to = rule.rewrite["to"]
         if not isinstance(to, str) or to not in self._replacements:
             raise RuleError(
@@ -684,14 +690,15 @@ class RuleSet:
         for key in rule.rewrite:
             if key != "to" and key not in repl.params:
                 raise RuleError(
-                    f"{where}: unknown key 'rewrite.{key}' for replacement {repl.name!r}"
+                    f"{rule.origin(key)}: unknown key 'rewrite.{key}' for replacement {repl.name!r}"
                     f"{did_you_mean(key, repl.params)}; accepted: {sorted(repl.params)}"
                 )
         params = {**repl.params, **{k: v for k, v in rule.rewrite.items() if k != "to"}}
         try:
             repl.validate(params)
         except ValueError as exc:
-            raise RuleError(f"{where}: {exc} (replacement {repl.name!r})") from None
+            bad = next((k for k in rule.rewrite if f"rewrite.{k} " in str(exc)), "rewrite")
+            raise RuleError(f"{rule.origin(bad)}: {exc} (replacement {repl.name!r})") from None
         if any(r.name == rule.name for r in self.rules):
             raise RuleError(f"{where}: rule {rule.name!r} is defined twice")
         bound = Rule(
@@ -704,6 +711,7 @@ class RuleSet:
             rule.source,
             rule.line,
             _replacement=repl,
+            _locate=rule._locate,
         )
         self.rules.append(bound)
         return bound
@@ -842,6 +850,7 @@ class RuleSet:
                     description=body.get("description", ""),
                     source=src,
                     line=line,
+                    _locate=locate.line_of,
                 )
             )
         return out

@@ -36,11 +36,11 @@ def test_builtin_families():
         ),
         (
             "[[rule]]\nname = 'r3'\npattern = 'linear-cell'\nrewrite = { to = 'linear4bit', bits = 3 }",
-            r"bad.toml:1: rule 'r3': unknown key 'rewrite.bits' for replacement 'linear4bit'",
+            r"bad.toml:4: rule 'r3': unknown key 'rewrite.bits' for replacement 'linear4bit'",
         ),
         (
             "[[rule]]\nname = 'r4'\npattern = 'linear-cell'\nwhere = { min_in = 3 }\nrewrite = { to = 'linear4bit' }",
-            r"bad.toml:1: rule 'r4': unknown condition 'where.min_in'",
+            r"bad.toml:4: rule 'r4': unknown condition 'where.min_in'",
         ),
         (
             "[[rule]]\nname = 'r5'\npattern = 'linear-cell'\npriority = 'high'\nrewrite = { to = 'linear4bit' }",
