@@ -317,6 +317,13 @@ def _cmd_apply(args) -> int:
 
 def _cmd_explain(args) -> int:
     _, result = _run_pass(args, dry_run=True)
+    paths = [d.path for d in result.trace.decisions]
+    if args.layer is not None and args.layer not in paths:
+        from .errors import closest
+
+        near = closest(args.layer, paths)
+        hint = f"; closest: {', '.join(near)}" if near else f"; weight-holding layers: {', '.join(paths[:8])}"
+        raise CLIError(f"--layer {args.layer!r} is not a weight-holding layer of {args.model}{hint}")
     if args.json:
         print(json.dumps(result.trace.to_dict(), indent=1))
     else:

@@ -26,6 +26,7 @@ class OutputError(MsbnbError):
 
 def _kind(mode: int) -> str:
     for test, name in (
+        (stat.S_ISREG, "regular file"),
         (stat.S_ISDIR, "directory"),
         (stat.S_ISCHR, "character device"),
         (stat.S_ISBLK, "block device"),

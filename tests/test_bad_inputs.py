@@ -477,6 +477,11 @@ BROKEN_IMPORT = "raise ImportError('this module cannot be imported here')\n"
         (("apply", "tests.zoo:make_bert", "--rules", "nf4", "-o", "no/such/dir/q.ckpt"), ["does not exist"]),
         (("apply", "tests.zoo:make_bert", "--rules", "nf4", "--input-dtype", "int3"), ["--input-dtype must be one of"]),
         (("quantize", "--npy", "missing.npy"), ["No such file or directory"]),
+        (("dump", "tests.zoo:make_bert", "-o", "typo.json"), ["-o/--output 'typo.json' is a regular file, not a"]),
+        (
+            ("explain", "tests.zoo:make_bert", "--rules", "nf4", "--layer", "encoder.0.querry"),
+            ["--layer 'encoder.0.querry' is not a weight-holding layer", "closest: encoder.0.query"],
+        ),
     ],
 )
 def test_cli_user_errors_are_one_line_and_exit_code_2(tmp_path, args, parts):
