@@ -15,6 +15,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Sequence
+from typing import Any
 
 from ._version import __version__
 from .errors import CLIError, MsbnbError
@@ -106,7 +107,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 # ---- model-level commands -------------------------------------------------------------------------------------
-def load_model(spec: str):
+def load_model(spec: str) -> Any:
     """``package.module:factory`` or ``path/to/file.py:factory`` -> the Cell the factory returns."""
     import importlib
     import importlib.util

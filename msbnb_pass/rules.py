@@ -352,7 +352,7 @@ def register_replacement(
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: ``fn(view, **params) -> Cell`` as replacement ``name`` in RuleSets created from now on."""
 
-    def wrap(fn):
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         _DEFAULTS.replacements[name] = make_replacement(name, fn, params, scheme)
         return fn
 
@@ -579,7 +579,7 @@ class RuleSet:
         self._linear_names[name] = (spec, source)
         self._spec_cache.clear()
 
-    def register_check(self, name: str, fn: CheckFn | None = None, validate: Callable[[Any], Any] | None = None):
+    def register_check(self, name: str, fn: CheckFn | None = None, validate: Callable[[Any], Any] | None = None) -> Any:
         """Add a condition ``where = { <name> = value }`` to this RuleSet (usable as a decorator)."""
         _check_check_name(name)
 
@@ -595,10 +595,10 @@ class RuleSet:
         build: Callable[..., Any] | None = None,
         params: Mapping[str, Any] | None = None,
         scheme: Callable[[dict], str] | str = "custom",
-    ):
+    ) -> Any:
         """Add a replacement ``build(view, **params) -> Cell`` to this RuleSet (usable as a decorator)."""
 
-        def wrap(fn):
+        def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
             self._replacements[name] = make_replacement(name, fn, params or {}, scheme)
             return fn
 

@@ -295,6 +295,24 @@ def test_a_rule_set_owns_its_linear_classes(ms_cpu):
     assert not mb.apply(zoo.make_uses_my_linear(), "nf4").quantized
     with pytest.raises(RuleError, match=r"<python>: rule 'r': unknown condition 'where.min_in_feature'; did you mean"):
         RuleSet([mb.Rule("r", "linear-cell", {"to": "linear8bit"}, where={"min_in_feature": 3})])
+    # checks and replacements registered on a RuleSet are that RuleSet's only
+    own = RuleSet()
+    own.register_check(
+        "not_pooler", lambda cand, value: "the pooler stays" if value and cand.path == "pooler" else None
+    )
+    own.register_replacement(
+        "int8_weights",
+        mb.rules.BUILTIN_REPLACEMENTS["linear8bit"].build,
+        {"symmetric": True, "per_channel": True, "has_fp16_weights": False, "backend": None},
+        "int8",
+    )
+    own.add(mb.Rule("own", "linear-cell", {"to": "int8_weights"}, where={"not_pooler": True}))
+    result = mb.apply(zoo.make_bert(), own)
+    assert len(result.quantized) == 13 and ("pooler", "the pooler stays (own)") in result.kept
+    with pytest.raises(RuleError, match=r"<python>: rule 'own': unknown condition 'where.not_pooler'"):
+        RuleSet([mb.Rule("own", "linear-cell", {"to": "linear8bit"}, where={"not_pooler": True})])
+    with pytest.raises(RuleError, match=r"'rewrite.to' = 'int8_weights': unknown replacement 'int8_weights'"):
+        RuleSet([mb.Rule("own", "linear-cell", {"to": "int8_weights"})])
     # apply(backend=...) works on a copy: the caller's RuleSet is unchanged
     rs = RuleSet.builtin("int8")
     mb.apply(zoo.make_bert(), rs, backend="reference", verify=False)
