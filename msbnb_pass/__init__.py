@@ -40,6 +40,13 @@ _EXPORTS = {
     "Rule": "rules",
     "RuleSet": "rules",
     "RuleError": "rules",
+    # errors: one hierarchy under MsbnbError (a ValueError)
+    "MsbnbError": "errors",
+    "CheckpointError": "errors",
+    "ConfigError": "errors",
+    "MatchConflict": "errors",
+    "QuantizationError": "errors",
+    "RewriteError": "errors",
     "register_linear": "rules",
     "register_check": "rules",
     "register_replacement": "rules",
@@ -54,7 +61,19 @@ _EXPORTS = {
     "compare_model_sizes": "converter",
 }
 
-_SUBMODULES = ("formats", "kernels", "nn", "functional", "config", "graph", "rules", "match", "rewrite", "passes")
+_SUBMODULES = (
+    "errors",
+    "formats",
+    "kernels",
+    "nn",
+    "functional",
+    "config",
+    "graph",
+    "rules",
+    "match",
+    "rewrite",
+    "passes",
+)
 
 __all__ = ["__version__", "dump", "verify", *_SUBMODULES, *sorted(_EXPORTS)]
 

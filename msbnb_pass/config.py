@@ -19,6 +19,7 @@ import logging
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .errors import ConfigError, closest
 from .formats._checks import VALID_BLOCKSIZES
 
 logger = logging.getLogger(__name__)
@@ -72,20 +73,20 @@ def _check_threshold(name: str, value: Any) -> float:
         raise TypeError(f"{name} must be a float >= 0, got {value!r} ({type(value).__name__})")
     value = float(value)
     if not value >= 0.0 or value == float("inf"):
-        raise ValueError(f"{name} must be a finite float >= 0 (0.0 disables outlier decomposition), got {value}")
+        raise ConfigError(f"{name} must be a finite float >= 0 (0.0 disables outlier decomposition), got {value}")
     return value
 
 
 def _check_compute_dtype(name: str, value: Any) -> str:
     dtype = dtype_to_str(value)
     if dtype == "bfloat16":
-        raise ValueError(
+        raise ConfigError(
             f"{name}='bfloat16' cannot run on MindSpore's CPU backend (bf16 MatMul/Dense are unsupported there); "
             f"accepted: {CPU_COMPUTE_DTYPES}. For a config read from a checkpoint, override it: "
             f"BitsAndBytesConfig.from_dict(d, bnb_4bit_compute_dtype='float32')"
         )
     if dtype not in CPU_COMPUTE_DTYPES:
-        raise ValueError(f"{name} must be one of {CPU_COMPUTE_DTYPES}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {CPU_COMPUTE_DTYPES}, got {value!r}")
     return dtype
 
 
@@ -93,7 +94,7 @@ def _check_group_size(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, a power of two in [32, 4096], got {value!r}")
     if value not in VALID_BLOCKSIZES:
-        raise ValueError(f"{name} must be a power of two in [32, 4096] (one of {VALID_BLOCKSIZES}), got {value}")
+        raise ConfigError(f"{name} must be a power of two in [32, 4096] (one of {VALID_BLOCKSIZES}), got {value}")
     return value
 
 
@@ -103,6 +104,28 @@ def _check_modules(name: str, value: Any) -> list[str] | None:
     if isinstance(value, str) or not all(isinstance(v, str) for v in value):
         raise TypeError(f"{name} must be a list of module names (str) or None, got {value!r}")
     return list(value)
+
+
+BNB_FIELDS = (
+    "load_in_8bit",
+    "load_in_4bit",
+    "llm_int8_threshold",
+    "llm_int8_skip_modules",
+    "llm_int8_enable_fp32_cpu_offload",
+    "llm_int8_has_fp16_weight",
+    "bnb_4bit_compute_dtype",
+    "bnb_4bit_quant_type",
+    "bnb_4bit_use_double_quant",
+    "bnb_4bit_quant_storage",
+)
+
+
+def _unknown_arguments(owner: str, kwargs: dict[str, Any]) -> str:
+    parts = []
+    for key in sorted(kwargs):
+        near = closest(key, BNB_FIELDS, n=1)
+        parts.append(f"{key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    return f"{owner}: unknown argument(s) {', '.join(parts)}; accepted: {list(BNB_FIELDS)}"
 
 
 class BitsAndBytesConfig:
@@ -145,7 +168,7 @@ class BitsAndBytesConfig:
         _check_bool("load_in_8bit", load_in_8bit)
         _check_bool("load_in_4bit", load_in_4bit)
         if load_in_4bit and load_in_8bit:
-            raise ValueError("load_in_4bit and load_in_8bit are both True, but only one can be used at the same time")
+            raise ConfigError("load_in_4bit and load_in_8bit are both True, but only one can be used at the same time")
         self._load_in_8bit = load_in_8bit
         self._load_in_4bit = load_in_4bit
         self.llm_int8_threshold = _check_threshold("llm_int8_threshold", llm_int8_threshold)
@@ -160,19 +183,21 @@ class BitsAndBytesConfig:
             )
         if bnb_4bit_quant_type not in BNB_QUANT_TYPES:
             hint = " (int4 is not a bitsandbytes format: use Int4Config)" if bnb_4bit_quant_type == "int4" else ""
-            raise ValueError(f"bnb_4bit_quant_type must be one of {BNB_QUANT_TYPES}, got {bnb_4bit_quant_type!r}{hint}")
+            raise ConfigError(
+                f"bnb_4bit_quant_type must be one of {BNB_QUANT_TYPES}, got {bnb_4bit_quant_type!r}{hint}"
+            )
         self.bnb_4bit_quant_type = bnb_4bit_quant_type
         _check_bool("bnb_4bit_use_double_quant", bnb_4bit_use_double_quant)
         self.bnb_4bit_use_double_quant = bnb_4bit_use_double_quant
         self.bnb_4bit_compute_dtype = _check_compute_dtype("bnb_4bit_compute_dtype", bnb_4bit_compute_dtype)
         storage = "uint8" if bnb_4bit_quant_storage is None else dtype_to_str(bnb_4bit_quant_storage)
         if storage not in QUANT_STORAGE_DTYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"bnb_4bit_quant_storage must be one of {QUANT_STORAGE_DTYPES}, got {bnb_4bit_quant_storage!r}"
             )
         self.bnb_4bit_quant_storage = storage
         if kwargs:
-            logger.info("BitsAndBytesConfig: unused kwargs %s", sorted(kwargs))
+            raise ConfigError(_unknown_arguments("BitsAndBytesConfig", kwargs))
 
     # transformers exposes these as properties guarding the 4/8-bit exclusivity
     @property
@@ -183,7 +208,7 @@ class BitsAndBytesConfig:
     def load_in_4bit(self, value: bool) -> None:
         _check_bool("load_in_4bit", value)
         if value and self._load_in_8bit:
-            raise ValueError("load_in_4bit and load_in_8bit are both True, but only one can be used at the same time")
+            raise ConfigError("load_in_4bit and load_in_8bit are both True, but only one can be used at the same time")
         self._load_in_4bit = value
 
     @property
@@ -194,7 +219,7 @@ class BitsAndBytesConfig:
     def load_in_8bit(self, value: bool) -> None:
         _check_bool("load_in_8bit", value)
         if value and self._load_in_4bit:
-            raise ValueError("load_in_4bit and load_in_8bit are both True, but only one can be used at the same time")
+            raise ConfigError("load_in_4bit and load_in_8bit are both True, but only one can be used at the same time")
         self._load_in_8bit = value
 
     def is_quantizable(self) -> bool:
@@ -255,28 +280,20 @@ class BitsAndBytesConfig:
         data = dict(config_dict)
         method = data.pop("quant_method", cls.quant_method)
         if method != cls.quant_method:
-            raise ValueError(f"quant_method must be {cls.quant_method!r} for a BitsAndBytesConfig, got {method!r}")
+            raise ConfigError(f"quant_method must be {cls.quant_method!r} for a BitsAndBytesConfig, got {method!r}")
         for private, public in (("_load_in_8bit", "load_in_8bit"), ("_load_in_4bit", "load_in_4bit")):
             if private in data:
                 data.setdefault(public, data[private])
                 data.pop(private)
+        typos = {k: v for k, v in kwargs.items() if k not in BNB_FIELDS}
+        if typos:
+            raise ConfigError(_unknown_arguments("BitsAndBytesConfig.from_dict", typos))
         data.update(kwargs)
-        known = {
-            "load_in_8bit",
-            "load_in_4bit",
-            "llm_int8_threshold",
-            "llm_int8_skip_modules",
-            "llm_int8_enable_fp32_cpu_offload",
-            "llm_int8_has_fp16_weight",
-            "bnb_4bit_compute_dtype",
-            "bnb_4bit_quant_type",
-            "bnb_4bit_use_double_quant",
-            "bnb_4bit_quant_storage",
-        }
-        unused = {k: v for k, v in data.items() if k not in known}
-        config = cls(**{k: v for k, v in data.items() if k in known})
-        if unused:
-            logger.info("BitsAndBytesConfig.from_dict: unused keys %s", sorted(unused))
+        unused = {k: v for k, v in data.items() if k not in BNB_FIELDS}
+        config = cls(**{k: v for k, v in data.items() if k in BNB_FIELDS})
+        if unused and not return_unused_kwargs:
+            # a checkpoint's config may carry keys of newer transformers versions: report, do not refuse
+            logger.warning("BitsAndBytesConfig.from_dict: %s (ignored)", _unknown_arguments("keys", unused))
         return (config, unused) if return_unused_kwargs else config
 
     @classmethod
@@ -306,7 +323,7 @@ class BitsAndBytesConfig:
                 compute_dtype=self.bnb_4bit_compute_dtype,
                 modules_to_not_convert=self.llm_int8_skip_modules,
             )
-        raise ValueError("this BitsAndBytesConfig quantizes nothing (load_in_8bit and load_in_4bit are both False)")
+        raise ConfigError("this BitsAndBytesConfig quantizes nothing (load_in_8bit and load_in_4bit are both False)")
 
 
 @dataclass
@@ -344,7 +361,7 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in (4, 8):
-            raise ValueError(f"bits must be 8 or 4, got {self.bits!r}")
+            raise ConfigError(f"bits must be 8 or 4, got {self.bits!r}")
         for name in ("symmetric", "per_channel", "compress_statistics", "has_fp16_weights"):
             _check_bool(name, getattr(self, name))
         self.group_size = _check_group_size("group_size", self.group_size)
@@ -355,12 +372,12 @@ class QuantConfig:
             if self.quant_type is None:
                 self.quant_type = "int8"
             if self.quant_type != "int8":
-                raise ValueError(f"quant_type for bits=8 must be 'int8', got {self.quant_type!r}")
+                raise ConfigError(f"quant_type for bits=8 must be 'int8', got {self.quant_type!r}")
             if self.llm_int8 is None:
                 self.llm_int8 = self.threshold > 0
             _check_bool("llm_int8", self.llm_int8)
             if self.llm_int8 and not (self.symmetric and self.per_channel):
-                raise ValueError(
+                raise ConfigError(
                     "LLM.int8() (llm_int8=True or threshold > 0) is symmetric and per-channel; got "
                     f"symmetric={self.symmetric}, per_channel={self.per_channel}"
                 )
@@ -368,11 +385,11 @@ class QuantConfig:
             if self.quant_type is None:
                 self.quant_type = "int4"
             if self.quant_type not in QUANT_TYPES_4BIT:
-                raise ValueError(f"quant_type for bits=4 must be one of {QUANT_TYPES_4BIT}, got {self.quant_type!r}")
+                raise ConfigError(f"quant_type for bits=4 must be one of {QUANT_TYPES_4BIT}, got {self.quant_type!r}")
             if not self.symmetric and self.quant_type != "int4":
-                raise ValueError(f"symmetric=False is only defined for quant_type='int4', got {self.quant_type!r}")
+                raise ConfigError(f"symmetric=False is only defined for quant_type='int4', got {self.quant_type!r}")
             if self.llm_int8:
-                raise ValueError("llm_int8=True needs bits=8")
+                raise ConfigError("llm_int8=True needs bits=8")
             self.llm_int8 = False
 
     @property
@@ -386,9 +403,14 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
         names = {f.name for f in fields(cls)}
+        if not isinstance(data, dict):
+            raise TypeError(f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}")
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"{cls.__name__}.from_dict: unknown field(s) {unknown}; accepted: {sorted(names)}")
+            hints = "".join(
+                f"; {k!r}: did you mean {closest(k, names, 1)[0]!r}?" for k in unknown if closest(k, names, 1)
+            )
+            raise ConfigError(f"{cls.__name__}.from_dict: unknown field(s) {unknown}{hints}; accepted: {sorted(names)}")
         return cls(**data)
 
     def to_json_string(self) -> str:
@@ -399,7 +421,7 @@ class QuantConfig:
         skip = self.modules_to_not_convert
         if self.bits == 8:
             if not self.llm_int8:
-                raise ValueError(
+                raise ConfigError(
                     "weight-only INT8 (llm_int8=False) has no BitsAndBytesConfig equivalent: bitsandbytes' 8-bit "
                     "layer is LLM.int8(), which also quantizes activations; set llm_int8=True"
                 )
@@ -410,9 +432,9 @@ class QuantConfig:
                 llm_int8_skip_modules=skip,
             )
         if self.quant_type not in BNB_QUANT_TYPES:
-            raise ValueError(f"quant_type={self.quant_type!r} has no BitsAndBytesConfig equivalent (nf4 or fp4 only)")
+            raise ConfigError(f"quant_type={self.quant_type!r} has no BitsAndBytesConfig equivalent (nf4 or fp4 only)")
         if self.group_size != 64:
-            raise ValueError(
+            raise ConfigError(
                 f"BitsAndBytesConfig always uses blocksize 64; this config has group_size={self.group_size}"
             )
         return BitsAndBytesConfig(
@@ -437,7 +459,7 @@ class Int8Config(QuantConfig):
 
     def __post_init__(self) -> None:
         if self.bits != 8:
-            raise ValueError(f"Int8Config has bits=8, got {self.bits!r}")
+            raise ConfigError(f"Int8Config has bits=8, got {self.bits!r}")
         super().__post_init__()
 
 
@@ -450,5 +472,5 @@ class Int4Config(QuantConfig):
 
     def __post_init__(self) -> None:
         if self.bits != 4:
-            raise ValueError(f"Int4Config has bits=4, got {self.bits!r}")
+            raise ConfigError(f"Int4Config has bits=4, got {self.bits!r}")
         super().__post_init__()

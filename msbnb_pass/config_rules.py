@@ -1,19 +1,34 @@
-"""Mapping a BitsAndBytesConfig or the seed's QuantConfig onto rules of the built-in families."""
+"""Mapping a BitsAndBytesConfig or the seed's QuantConfig onto rules of the built-in families.
+
+This module sits above both ``config`` and ``rules`` (it imports them; neither imports it), which keeps
+the package's import graph free of cycles. ``resolve_rules`` is what ``apply`` and the CLI call: it
+accepts configs as well as everything ``rules.as_ruleset`` does.
+"""
 
 from __future__ import annotations
 
-from .config import BitsAndBytesConfig, QuantConfig
-from .rules import RuleSet
+from collections.abc import Sequence
+from typing import Any
+
+from .config import DEFAULT_SKIP_MODULES, BitsAndBytesConfig, QuantConfig
+from .errors import ConfigError
+from .rules import RuleSet, as_ruleset
+
+__all__ = ["resolve_rules", "rules_for_config", "skip_origins"]
 
 
 def rules_for_config(config: BitsAndBytesConfig | QuantConfig, backend: str | None = None) -> RuleSet:
     """The RuleSet that quantizes what ``config`` describes, skipping its modules (the head included)."""
     if isinstance(config, BitsAndBytesConfig):
         if not config.is_quantizable():
-            raise ValueError("this BitsAndBytesConfig quantizes nothing (load_in_8bit and load_in_4bit are both False)")
+            raise ConfigError(
+                "this BitsAndBytesConfig quantizes nothing (load_in_8bit and load_in_4bit are both False)"
+            )
         quant = config.to_quant_config()
-    else:
+    elif isinstance(config, QuantConfig):
         quant = config
+    else:
+        raise TypeError(f"config must be a BitsAndBytesConfig or QuantConfig, got {type(config).__name__}")
     if quant.bits == 8 and quant.llm_int8:
         family, params = "llm_int8", {"threshold": quant.threshold, "has_fp16_weights": quant.has_fp16_weights}
     elif quant.bits == 8:
@@ -29,8 +44,32 @@ def rules_for_config(config: BitsAndBytesConfig | QuantConfig, backend: str | No
         }
     if backend is not None:
         params["backend"] = backend
-    rules = RuleSet.builtin(family)
-    for rule in rules:
-        rule.rewrite.update(params)
-        rule.where["exclude"] = list(quant.skip_modules)
-    return rules
+    base = RuleSet.builtin(family)
+    rules = [r.with_changes(rewrite=params, where={"exclude": list(quant.skip_modules)}) for r in base]
+    return base.copy(rules)
+
+
+def skip_origins(config: Any) -> dict[str, str]:
+    """For a config: each skipped-module pattern -> the setting it comes from (for messages)."""
+    if isinstance(config, BitsAndBytesConfig):
+        user, field = config.llm_int8_skip_modules or [], "llm_int8_skip_modules"
+    elif isinstance(config, QuantConfig):
+        user, field = config.modules_to_not_convert or [], "modules_to_not_convert"
+    else:
+        return {}
+    out = {m: "the default skip of the output head" for m in DEFAULT_SKIP_MODULES}
+    out.update({m: field for m in user})
+    return out
+
+
+def resolve_rules(spec: Any, *, allow_imports: Sequence[str] = ()) -> RuleSet:
+    """A RuleSet from anything describing rules: a RuleSet, Rule(s), a family name, a TOML path, or a
+    BitsAndBytesConfig / QuantConfig (also inside a list)."""
+    if isinstance(spec, (BitsAndBytesConfig, QuantConfig)):
+        return rules_for_config(spec)
+    if isinstance(spec, (list, tuple)):
+        out = RuleSet()
+        for item in spec:
+            out = out + resolve_rules(item, allow_imports=allow_imports)
+        return out
+    return as_ruleset(spec, allow_imports=allow_imports)

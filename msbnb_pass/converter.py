@@ -35,8 +35,9 @@ def convert_to_quantized_model(
     if modules_to_not_convert:
         if isinstance(modules_to_not_convert, str) or not all(isinstance(m, str) for m in modules_to_not_convert):
             raise TypeError(f"modules_to_not_convert must be a list of module names, got {modules_to_not_convert!r}")
-        for rule in rules:
-            rule.where["exclude"] = [*rule.where.get("exclude", []), *modules_to_not_convert]
+        rules = rules.copy(
+            [r.with_changes(where={"exclude": [*r.where.get("exclude", []), *modules_to_not_convert]}) for r in rules]
+        )
     result = apply(model, rules, **apply_kwargs)
     logger.info("convert_to_quantized_model: %s", result.summary().replace("\n", "; "))
     return model

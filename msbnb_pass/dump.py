@@ -10,7 +10,9 @@ from typing import Any
 
 import networkx as nx
 
+from .errors import MsbnbError
 from .graph import NetGraph
+from .outputs import check_output_dir, write_text_atomic
 
 FORMATS = ("text", "json", "dot")
 
@@ -112,20 +114,20 @@ def to_dot(graph: NetGraph, result=None) -> str:
 
 def dump(graph: NetGraph, fmt: str = "text", result=None) -> str:
     if fmt not in FORMATS:
-        raise ValueError(f"dump format must be one of {FORMATS}, got {fmt!r}")
+        raise MsbnbError(f"dump format must be one of {FORMATS}, got {fmt!r}")
     return {"text": to_text, "json": to_json, "dot": to_dot}[fmt](graph, result)
 
 
 def write_dumps(result, directory: str | os.PathLike, formats: tuple[str, ...] = FORMATS) -> list[Path]:
     """before.<ext> and after.<ext> for every format into ``directory``; returns the files written."""
-    out = Path(directory)
+    out = check_output_dir(directory, "dump directory")
     out.mkdir(parents=True, exist_ok=True)
     ext = {"text": "txt", "json": "json", "dot": "dot"}
     written = []
     for fmt in formats:
         for which, graph in (("before", result.graph_before), ("after", result.graph_after)):
             path = out / f"{which}.{ext[fmt]}"
-            path.write_text(dump(graph, fmt, result if which == "after" else None), encoding="utf-8")
+            write_text_atomic(path, dump(graph, fmt, result if which == "after" else None), "dump file")
             written.append(path)
     return written
 
@@ -135,7 +137,7 @@ def dump_ir(net: Any, inputs: Any, directory: str | os.PathLike) -> list[Path]:
     it wrote into ``directory`` (the custom aot kernels appear in them as ``Custom`` nodes)."""
     import mindspore as ms
 
-    out = Path(directory).resolve()
+    out = check_output_dir(directory, "IR directory").resolve()
     out.mkdir(parents=True, exist_ok=True)
     mode = ms.get_context("mode")
     try:

@@ -17,12 +17,11 @@ from typing import Any
 import networkx as nx
 from networkx.algorithms import isomorphism
 
+from .errors import MatchConflict
 from .graph import NetGraph
-from .rules import Rule, RuleSet, linear_spec
+from .rules import LinearSpec, Rule, RuleSet
 
-
-class MatchConflict(ValueError):
-    """Two rules of equal priority both match one layer."""
+__all__ = ["Candidate", "Decision", "Match", "MatchConflict", "MatchTrace", "find_matches"]
 
 
 @dataclass
@@ -45,6 +44,7 @@ class Candidate:
     weight_attr: str | None = None
     bias_param_attr: str | None = None
     shared: bool = False  # the weight has other uses (a rule allowed it): quantize a copy, keep the float one
+    spec: LinearSpec | None = None  # cell level: how the Linear-like cell keeps its weight, bias, activation
 
 
 @dataclass
@@ -120,14 +120,16 @@ def _edge_ok(host_edges: dict, wanted: tuple) -> bool:
     return False
 
 
-def _pattern_bindings(netgraph: NetGraph, rule: Rule) -> list[dict[str, str]]:
+def _pattern_bindings(netgraph: NetGraph, rule: Rule, ruleset: RuleSet) -> list[dict[str, str]]:
     """Every injective map pattern node -> host node that keeps the pattern's nodes and edges."""
     pattern = rule.pattern
     g = netgraph.graph
     allowed: dict[str, set[str]] = {}
     for host in g.nodes:
         data = g.nodes[host]
-        names = {n for n, spec in pattern.nodes.items() if spec.reason(data, netgraph.obj(host)) is None}
+        names = {
+            n for n, spec in pattern.nodes.items() if spec.reason(data, netgraph.obj(host), ruleset.linear_spec) is None
+        }
         if names:
             allowed[host] = names
     if not allowed:
@@ -165,9 +167,11 @@ def _pattern_bindings(netgraph: NetGraph, rule: Rule) -> list[dict[str, str]]:
     return out
 
 
-def _cell_candidate(netgraph: NetGraph, cell_id: str, bindings: dict[str, str]) -> tuple[Candidate | None, str]:
+def _cell_candidate(
+    netgraph: NetGraph, ruleset: RuleSet, cell_id: str, bindings: dict[str, str]
+) -> tuple[Candidate | None, str]:
     cell = netgraph.obj(cell_id)
-    spec = linear_spec(type(cell))
+    spec = ruleset.linear_spec(type(cell))
     if spec is None:
         return None, f'{type(cell).__name__} is not a registered Linear-like class (register_linear or [linear."..."])'
     params = dict(netgraph.params_of(cell_id))
@@ -190,6 +194,7 @@ def _cell_candidate(netgraph: NetGraph, cell_id: str, bindings: dict[str, str]) 
         int(out_f),
         w["dtype"],
         bindings,
+        spec=spec,
     ), ""
 
 
@@ -254,7 +259,7 @@ def _call_candidate(netgraph: NetGraph, rule: Rule, bindings: dict[str, str]) ->
     return cand, ""
 
 
-def _structural_reason(netgraph: NetGraph, cand: Candidate, allow_shared: bool) -> str | None:
+def _structural_reason(netgraph: NetGraph, ruleset: RuleSet, cand: Candidate, allow_shared: bool) -> str | None:
     """Why the rewrite cannot be done in place, independent of the rule's conditions (sets cand.shared)."""
     w = netgraph.node(cand.weight)
     owners = [o for o, _ in w["owners"]]
@@ -290,16 +295,14 @@ def _structural_reason(netgraph: NetGraph, cand: Candidate, allow_shared: bool) 
         if len(bias_uses) > 1 or reads.get(cand.bias_param_attr, 0) > 1:
             return "bias parameter used elsewhere"
     cls = type(netgraph.obj(cand.owner))
-    if linear_spec(cls) is not None:
+    if ruleset.linear_spec(cls) is not None:
         return f"inside a Linear-like cell ({cls.__name__}): cell-level rules rewrite it as a whole"
     return None
 
 
-def _check_conditions(rule: Rule, cand: Candidate) -> str | None:
-    from .rules import _CHECKS
-
+def _check_conditions(ruleset: RuleSet, rule: Rule, cand: Candidate) -> str | None:
     for key, value in rule.where.items():
-        reason = _CHECKS[key](cand, value)
+        reason = ruleset.check(key).fn(cand, value)
         if reason:
             return reason
     return None
@@ -308,6 +311,7 @@ def _check_conditions(rule: Rule, cand: Candidate) -> str | None:
 def find_matches(netgraph: NetGraph, ruleset: RuleSet) -> tuple[list[Match], MatchTrace]:
     """Match every rule; return the winning matches (one per layer) and the trace explaining all nodes."""
     g = netgraph.graph
+    ruleset.refresh()
     # the weight-holding sites the trace reports on: Linear-like cells, other cells whose weights no call
     # reads (nothing else could rewrite them), and calls reading a weight outside Linear-like cells
     sites: dict[str, Decision] = {}
@@ -317,11 +321,11 @@ def find_matches(netgraph: NetGraph, ruleset: RuleSet) -> tuple[list[Match], Mat
             for u, _, d in g.in_edges(call, data=True)
             if d.get("kind") == "data" and g.nodes[u]["kind"] == "param" and g.nodes[u]["ndim"] >= 2
         ]
-        if weights and linear_spec(type(netgraph.obj(g.nodes[call]["owner"]))) is None:
+        if weights and ruleset.linear_spec(type(netgraph.obj(g.nodes[call]["owner"]))) is None:
             sites[call] = Decision(g.nodes[call]["path"], "call", [g.nodes[p]["path"] for p in weights])
     for cid in netgraph.nodes("cell"):
         weights = [pid for _, pid in netgraph.params_of(cid) if netgraph.node(pid)["ndim"] >= 2]
-        linear = linear_spec(type(netgraph.obj(cid))) is not None
+        linear = ruleset.linear_spec(type(netgraph.obj(cid))) is not None
         if weights and (linear or not any(netgraph.uses(p) for p in weights)):
             sites[cid] = Decision(g.nodes[cid]["path"], "cell", [g.nodes[p]["path"] for p in weights])
 
@@ -330,17 +334,17 @@ def find_matches(netgraph: NetGraph, ruleset: RuleSet) -> tuple[list[Match], Mat
     for rule in ruleset:
         pattern = rule.pattern
         bound_anchors = {}
-        for bindings in _pattern_bindings(netgraph, rule):
+        for bindings in _pattern_bindings(netgraph, rule, ruleset):
             anchor = bindings[pattern.anchor]
             if pattern.level == "cell":
-                cand, why = _cell_candidate(netgraph, anchor, bindings)
+                cand, why = _cell_candidate(netgraph, ruleset, anchor, bindings)
             else:
                 cand, why = _call_candidate(netgraph, rule, bindings)
             if cand is None:
                 bound_anchors.setdefault(anchor, why)
                 continue
-            why = _structural_reason(netgraph, cand, bool(rule.where.get("allow_shared", False)))
-            why = why or _check_conditions(rule, cand)
+            why = _structural_reason(netgraph, ruleset, cand, bool(rule.where.get("allow_shared", False)))
+            why = why or _check_conditions(ruleset, rule, cand)
             if why:
                 bound_anchors.setdefault(anchor, why)
                 continue
@@ -355,7 +359,7 @@ def find_matches(netgraph: NetGraph, ruleset: RuleSet) -> tuple[list[Match], Mat
             if site_id in bound_anchors:
                 decision.reasons[rule.name] = bound_anchors[site_id]
                 continue
-            reason = anchor_spec.reason(g.nodes[site_id], netgraph.obj(site_id))
+            reason = anchor_spec.reason(g.nodes[site_id], netgraph.obj(site_id), ruleset.linear_spec)
             if reason is None:
                 reason = f"the surrounding graph does not fit pattern {pattern.name!r} (needs {_describe(pattern)})"
             decision.reasons[rule.name] = reason

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,21 +18,21 @@ import numpy as np
 from mindspore import Tensor, nn
 
 from . import kernels
+from .config_rules import resolve_rules, skip_origins
+from .errors import PassError, QuantizationError, RewriteError, closest
 from .graph import NetGraph, build_graph
 from .match import Match, MatchTrace, find_matches
 from .memory import release_memory
-from .rewrite import RewriteError, Transaction, apply_match, linear_view, rename_parameters
-from .rules import as_ruleset
+from .rewrite import Transaction, apply_match, linear_view, rename_parameters
+from .rules import RuleSet, name_matches
 from .verify import VIOLATION_ACTIONS, Bound, LayerCheck, Report, bound_for, compare_outputs, fp32_worst_ratio, metrics
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["PassError", "PassResult", "Rewrite", "apply", "explain", "quantize"]
+
 PROBE_ROWS = 8  # synthetic probe rows per layer
 KERNEL_CHECK_ROWS = 64  # output rows compared against the reference computation
-
-
-class PassError(RuntimeError):
-    """The pass could not run; the network is untouched."""
 
 
 @dataclass
@@ -47,7 +48,8 @@ class Rewrite:
     out_features: int
     bytes_before: int  # the float weight (and bias) that left
     bytes_after: int  # the quantized weight, statistics and bias that came in
-    action: str = "quantized"  # or "kept_float" (verification failed and on_violation="keep_float")
+    action: str = "quantized"  # or "kept_float" (verification or quantization failed, on_violation="keep_float")
+    reason: str = ""  # why a layer was kept in float
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -65,6 +67,7 @@ class PassResult:
     trace: MatchTrace
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
+    kept: list[tuple[str, str]] = field(default_factory=list)  # (path, why) of every weight-holding layer kept
 
     @property
     def quantized(self) -> list[Rewrite]:
@@ -92,9 +95,9 @@ class PassResult:
             by_rule[r.rule] = by_rule.get(r.rule, 0) + 1
         for rule, n in sorted(by_rule.items()):
             lines.append(f"  {rule}: {n}")
-        kept = [d for d in self.trace.decisions if not d.rule]
-        if kept:
-            lines.append(f"kept {len(kept)} weight-holding node(s) unchanged (see explain())")
+        if self.kept:
+            lines.append(f"kept {len(self.kept)} weight-holding layer(s) in full precision:")
+            lines.extend(f"  {path or '<root>'}: {why}" for path, why in self.kept)
         if self.report.layers:
             worst = max(self.report.layers, key=lambda c: c.metrics["relative_error"])
             lines.append(
@@ -118,6 +121,7 @@ class PassResult:
             "report": self.report.to_dict(),
             "trace": self.trace.to_dict(),
             "warnings": list(self.warnings),
+            "kept": [{"path": p, "reason": r} for p, r in self.kept],
             "graph_before": self.graph_before.summary(),
             "graph_after": self.graph_after.summary(),
         }
@@ -248,6 +252,7 @@ def apply(
     backend: str | None = None,
     progress: bool | None = None,
     seed: int = 0,
+    allow_imports: Sequence[str] = (),
 ) -> PassResult:
     """Rewrite ``net`` in place by ``rules_or_config``; return what was done.
 
@@ -260,27 +265,38 @@ def apply(
         verify: check every rewritten layer against its float original and its kernel against the
             reference while the float weight still exists.
         on_violation: "raise" (roll everything back and raise), "keep_float" (leave that layer in full
-            precision and report it) or "warn" (keep the quantized layer, report the violation).
+            precision and report it; also for a layer that cannot be quantized, e.g. a NaN in its weight)
+            or "warn" (keep the quantized layer, report the violation).
         dry_run: match and explain, change nothing.
         bounds: per-scheme Bound overrides (see ``verify.DEFAULT_BOUNDS``).
         backend: kernel backend of the new layers ("cpu" or "reference"; default: the kernels' choice).
         progress: show a progress bar (default: when there are many layers and stderr is a terminal).
+        allow_imports: module prefixes (e.g. ``["mypkg."]``) a TOML rule file may import to find the
+            classes it names; without it, reading a rule file never imports anything.
 
     Raises:
-        TypeError: ``net`` is not a Cell. PassError / RewriteError / MatchConflict / RuleError: with a
-        message naming the layer or rule; the network is then exactly as it was.
+        TypeError: an argument of the wrong type. ``MsbnbError`` subclasses (PassError, RewriteError,
+        MatchConflict, RuleError, ConfigError): with a message naming the layer, rule or argument; the
+        network is then exactly as it was.
     """
     if not isinstance(net, nn.Cell):
         raise TypeError(f"apply expects a mindspore.nn.Cell, got {type(net).__module__}.{type(net).__name__}")
     if on_violation not in VIOLATION_ACTIONS:
-        raise ValueError(f"on_violation must be one of {VIOLATION_ACTIONS}, got {on_violation!r}")
-    ruleset = as_ruleset(rules_or_config)
+        raise PassError(f"on_violation must be one of {VIOLATION_ACTIONS}, got {on_violation!r}")
+    for name, value in (("verify", verify), ("dry_run", dry_run)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None, got {progress!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if bounds is not None and (not isinstance(bounds, dict) or not all(isinstance(b, Bound) for b in bounds.values())):
+        raise TypeError(f"bounds must be a dict of scheme -> verify.Bound, got {bounds!r}")
+    ruleset = resolve_rules(rules_or_config, allow_imports=allow_imports)
     if backend is not None:
         if backend not in kernels.available_backends():
-            raise ValueError(f"backend must be one of {kernels.available_backends()}, got {backend!r}")
-        for rule in ruleset:
-            if "backend" in rule.replacement.params:
-                rule.rewrite["backend"] = backend
+            raise PassError(f"backend must be one of {kernels.available_backends()}, got {backend!r}")
+        ruleset = ruleset.with_rewrite(backend=backend)  # a copy: the caller's RuleSet is not changed
     graph_before = build_graph(net)
     matches, trace = find_matches(graph_before, ruleset)
     # a built-in family's rule that finds nothing is normal (no bias adds, no matmul calls); a user's is suspicious
@@ -289,6 +305,8 @@ def apply(
         for r in ruleset
         if r.name in trace.unused_rules and not r.source.startswith("rules/")
     ]
+    origins = skip_origins(rules_or_config)
+    warnings += _names_matching_nothing(graph_before, ruleset, origins)
     for w in warnings:
         logger.warning(w)
     if dry_run:
@@ -307,7 +325,10 @@ def apply(
             )
             for m in matches
         ]
-        return PassResult(net, rewrites, Report(), graph_before, graph_before, trace, dry_run=True, warnings=warnings)
+        kept = _kept_layers(trace, ruleset, origins, [])
+        return PassResult(
+            net, rewrites, Report(), graph_before, graph_before, trace, dry_run=True, warnings=warnings, kept=kept
+        )
 
     with _pynative():
         return _rewrite(
@@ -323,7 +344,59 @@ def apply(
             bounds,
             progress,
             seed,
+            origins,
         )
+
+
+def _names_matching_nothing(graph: NetGraph, ruleset: RuleSet, origins: dict[str, str]) -> list[str]:
+    """A skip or target list entry that names no layer is almost always a typo: say so, with the closest
+    names. The built-in families' default skip of ``lm_head`` is exempt (most networks have no head)."""
+    paths = sorted({p for cid in graph.nodes("cell") for p in graph.node(cid)["paths"] if p})
+    leaves = sorted({p.rpartition(".")[2] for p in paths})
+    out, seen = [], set()
+    for rule in ruleset:
+        for key in ("include", "exclude"):
+            for pattern in rule.where.get(key, []):
+                if (key, pattern) in seen:
+                    continue
+                seen.add((key, pattern))
+                default = rule.source.startswith("rules/") and origins.get(pattern, "").startswith("the default")
+                if default or (rule.source.startswith("rules/") and not origins and pattern == "lm_head"):
+                    continue
+                if any(name_matches(p, pattern) for p in paths):
+                    continue
+                where = origins.get(pattern) or f"rule {rule.name!r} where.{key}"
+                near = closest(pattern.removeprefix("re:"), [*leaves, *paths])
+                hint = f"; closest names: {', '.join(near)}" if near else ""
+                out.append(f"{where} entry {pattern!r} matches no layer of the network{hint}")
+    return out
+
+
+def _kept_layers(
+    trace: MatchTrace, ruleset: RuleSet, origins: dict[str, str], rewrites: list[Rewrite]
+) -> list[tuple[str, str]]:
+    """(path, why) for every weight-holding layer the pass leaves in full precision."""
+    out = []
+    for d in trace.decisions:
+        if d.rule:
+            continue
+        why = d.note or "no rule applies"
+        ranked = sorted(ruleset, key=lambda r: (-r.priority, r.name))
+        # the most specific reason first: "the surrounding graph does not fit" says least
+        ranked.sort(key=lambda r: d.reasons.get(r.name, "").startswith("the surrounding graph"))
+        for rule in ranked:
+            reason = d.reasons.get(rule.name)
+            if reason is None:
+                continue
+            why = f"{reason} ({rule.name})"
+            if reason.startswith("excluded by name"):
+                pattern = next((p for p in rule.where.get("exclude", []) if name_matches(d.path, p)), None)
+                if pattern in origins:
+                    why = f"skipped by {origins[pattern]} ({pattern!r})"
+            break
+        out.append((d.path, why))
+    out += [(r.path, f"kept in float: {r.reason}") for r in rewrites if r.action == "kept_float"]
+    return sorted(out)
 
 
 @contextlib.contextmanager
@@ -342,7 +415,19 @@ def _pynative():
 
 
 def _rewrite(
-    net, ruleset, graph_before, matches, trace, warnings, sample_inputs, verify, on_violation, bounds, progress, seed
+    net,
+    ruleset,
+    graph_before,
+    matches,
+    trace,
+    warnings,
+    sample_inputs,
+    verify,
+    on_violation,
+    bounds,
+    progress,
+    seed,
+    origins,
 ) -> PassResult:
     captured, outputs_before = ({}, None)
     if sample_inputs is not None:
@@ -363,12 +448,36 @@ def _rewrite(
             try:
                 view = linear_view(graph_before, cand)
                 layer = m.rule.replacement.build(view, **m.rule.replacement_params())
+            except QuantizationError as exc:
+                if on_violation != "keep_float":
+                    raise RewriteError(
+                        f"{cand.path or '<root>'}: rule {m.rule.name!r} cannot quantize this layer: {exc}; the "
+                        "network is restored (on_violation='keep_float' keeps such layers in full precision)"
+                    ) from exc
+                logger.warning("%s: cannot quantize (%s); kept in full precision", cand.path or "<root>", exc)
+                nbytes = _param_bytes(graph_before.obj(cand.weight), graph_before.obj(cand.bias) if cand.bias else None)
+                rewrites.append(
+                    Rewrite(
+                        cand.path,
+                        m.rule.name,
+                        cand.level,
+                        m.rule.scheme,
+                        m.rule.rewrite["to"],
+                        cand.in_features,
+                        cand.out_features,
+                        nbytes,
+                        nbytes,
+                        "kept_float",
+                        f"cannot quantize: {exc}",
+                    )
+                )
+                continue
             except Exception as exc:
                 raise RewriteError(
                     f"{cand.path or '<root>'}: rule {m.rule.name!r} failed to build its "
                     f"replacement: {type(exc).__name__}: {exc}"
                 ) from exc
-            action = "quantized"
+            action, reason = "quantized", ""
             if verify:
                 x, probe = _probe(cand, captured, rng)
                 check = _check_layer(m, view, layer, x, probe, bounds, rng)
@@ -378,6 +487,7 @@ def _rewrite(
                         raise RewriteError(message + "; the network is restored")
                     if on_violation == "keep_float":
                         action = check.action = "kept_float"
+                        reason = f"verification failed ({check.failure()})"
                         logger.warning("%s; kept in full precision", message)
                     else:
                         check.action = "quantized (violation)"
@@ -401,6 +511,7 @@ def _rewrite(
                     before,
                     after,
                     action,
+                    reason,
                 )
             )
             del view
@@ -422,7 +533,8 @@ def _rewrite(
     txn.commit()
     graph_after = build_graph(net)
     graph_before._objects = {}  # drop the references to the replaced float layers: their memory goes now
-    result = PassResult(net, rewrites, report, graph_before, graph_after, trace, warnings=warnings)
+    kept = _kept_layers(trace, ruleset, origins, rewrites)
+    result = PassResult(net, rewrites, report, graph_before, graph_after, trace, warnings=warnings, kept=kept)
     release_memory()
     return result
 

@@ -1,17 +1,30 @@
 """The built-in replacements: a float Linear (as a LinearView) -> a quantized cell.
 
-Registered by name for rules (``rewrite = { to = "linear4bit", ... }``); users add theirs with
-``msbnb_pass.register_replacement``.
+A ``Replacement`` is a named factory with the parameters it accepts, their defaults, a validator that
+refuses bad values when a rule is *loaded* (not when the first layer is built) and the scheme name used
+for reports and verification bounds. The built-in ones are a plain, immutable table
+(``BUILTIN_REPLACEMENTS``); nothing is registered at import time. Users add theirs to a RuleSet they own
+with ``ruleset.register_replacement(...)``.
+
+This module imports only numpy and the numpy formats at import time; the cells are imported when a
+replacement is built.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
-from .rules import register_replacement
+from .formats._checks import VALID_BLOCKSIZES
+from .formats.codebooks import QUANT_TYPES_4BIT
+
+BACKENDS = ("cpu", "reference")
+COMPUTE_DTYPES = ("float32", "float16")
 
 
 @dataclass
@@ -32,26 +45,106 @@ class LinearView:
         return int(self.weight.shape[0])
 
 
+def _no_check(params: Mapping[str, Any]) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A named factory: ``build(view, **params) -> quantized Linear cell``.
+
+    ``params`` maps every accepted parameter to its default; ``scheme(params)`` names the quantization
+    scheme (reports, default verification bounds); ``validate(params)`` raises ValueError naming the
+    parameter, its value and what is accepted.
+    """
+
+    name: str
+    build: Callable[..., Any]
+    params: Mapping[str, Any]
+    scheme: Callable[[dict], str]
+    validate: Callable[[Mapping[str, Any]], None] = field(default=_no_check)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+
+
+def make_replacement(
+    name: str,
+    build: Callable[..., Any],
+    params: Mapping[str, Any],
+    scheme: Callable[[dict], str] | str,
+    validate: Callable[[Mapping[str, Any]], None] | None = None,
+) -> Replacement:
+    """A Replacement; ``scheme`` may be a fixed name."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a replacement needs a non-empty name, got {name!r}")
+    if not callable(build):
+        raise TypeError(f"replacement {name!r}: build must be callable, got {type(build).__name__}")
+    scheme_fn = scheme if callable(scheme) else _fixed_scheme(str(scheme))
+    return Replacement(name, build, dict(params), scheme_fn, validate or _no_check)
+
+
+def _fixed_scheme(name: str) -> Callable[[dict], str]:
+    def scheme(params: dict) -> str:
+        return name
+
+    return scheme
+
+
+# ---- validation of rule parameters ------------------------------------------------------------------------
+def _one_of(key: str, value: Any, accepted: tuple) -> None:
+    if isinstance(value, bool) or value not in accepted:
+        raise ValueError(f"rewrite.{key} = {value!r} is not accepted; accepted: {list(accepted)}")
+
+
+def _bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"rewrite.{key} must be true or false, got {value!r}")
+
+
+def _backend(value: Any) -> None:
+    if value is not None and value not in BACKENDS:
+        raise ValueError(f"rewrite.backend = {value!r} is not accepted; accepted: {list(BACKENDS)}")
+
+
+def _validate_4bit(p: Mapping[str, Any]) -> None:
+    _one_of("quant_type", p["quant_type"], QUANT_TYPES_4BIT)
+    _one_of("blocksize", p["blocksize"], VALID_BLOCKSIZES)
+    _bool("double_quant", p["double_quant"])
+    _one_of("compute_dtype", p["compute_dtype"], COMPUTE_DTYPES)
+    _bool("symmetric", p["symmetric"])
+    if not p["symmetric"] and p["quant_type"] != "int4":
+        raise ValueError(f"rewrite.symmetric = false is only defined for quant_type 'int4', got {p['quant_type']!r}")
+    _backend(p["backend"])
+
+
+def _validate_8bit(p: Mapping[str, Any]) -> None:
+    for key in ("symmetric", "per_channel", "has_fp16_weights"):
+        _bool(key, p[key])
+    _backend(p["backend"])
+
+
+def _validate_llm_int8(p: Mapping[str, Any]) -> None:
+    t = p["threshold"]
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t >= 0 and math.isfinite(t)):
+        raise ValueError(f"rewrite.threshold must be a finite number >= 0 (0 disables outliers), got {t!r}")
+    _bool("has_fp16_weights", p["has_fp16_weights"])
+    _backend(p["backend"])
+
+
+# ---- the built-in factories ---------------------------------------------------------------------------------
 def _scheme_4bit(p: dict) -> str:
     return p["quant_type"] + ("_asym" if not p["symmetric"] else "")
+
+
+def _scheme_8bit(p: dict) -> str:
+    return "int8" if p["symmetric"] else "int8_asym"
 
 
 def _from_view(cls, view: LinearView, **kwargs):
     return cls.from_float(view.weight, view.bias, view.activation, view.path or None, **kwargs)
 
 
-@register_replacement(
-    "linear4bit",
-    params={
-        "quant_type": "nf4",
-        "blocksize": 64,
-        "double_quant": True,
-        "compute_dtype": "float32",
-        "symmetric": True,
-        "backend": None,
-    },
-    scheme=_scheme_4bit,
-)
 def linear4bit(view: LinearView, quant_type, blocksize, double_quant, compute_dtype, symmetric, backend):
     from .nn import Linear4bit
 
@@ -67,11 +160,6 @@ def linear4bit(view: LinearView, quant_type, blocksize, double_quant, compute_dt
     )
 
 
-@register_replacement(
-    "linear8bit",
-    params={"symmetric": True, "per_channel": True, "has_fp16_weights": False, "backend": None},
-    scheme=lambda p: "int8" if p["symmetric"] else "int8_asym",
-)
 def linear8bit(view: LinearView, symmetric, per_channel, has_fp16_weights, backend):
     from .nn import Linear8bit
 
@@ -85,12 +173,41 @@ def linear8bit(view: LinearView, symmetric, per_channel, has_fp16_weights, backe
     )
 
 
-@register_replacement(
-    "linear8bitlt",
-    params={"threshold": 6.0, "has_fp16_weights": False, "backend": None},
-    scheme="llm_int8",
-)
 def linear8bitlt(view: LinearView, threshold, has_fp16_weights, backend):
     from .nn import Linear8bitLt
 
     return _from_view(Linear8bitLt, view, threshold=threshold, has_fp16_weights=has_fp16_weights, backend=backend)
+
+
+BUILTIN_REPLACEMENTS: Mapping[str, Replacement] = MappingProxyType(
+    {
+        "linear4bit": Replacement(
+            "linear4bit",
+            linear4bit,
+            {
+                "quant_type": "nf4",
+                "blocksize": 64,
+                "double_quant": True,
+                "compute_dtype": "float32",
+                "symmetric": True,
+                "backend": None,
+            },
+            _scheme_4bit,
+            _validate_4bit,
+        ),
+        "linear8bit": Replacement(
+            "linear8bit",
+            linear8bit,
+            {"symmetric": True, "per_channel": True, "has_fp16_weights": False, "backend": None},
+            _scheme_8bit,
+            _validate_8bit,
+        ),
+        "linear8bitlt": Replacement(
+            "linear8bitlt",
+            linear8bitlt,
+            {"threshold": 6.0, "has_fp16_weights": False, "backend": None},
+            _fixed_scheme("llm_int8"),
+            _validate_llm_int8,
+        ),
+    }
+)

@@ -24,16 +24,15 @@ from typing import Any
 import numpy as np
 from mindspore import Parameter, Tensor, nn
 
+from .errors import RewriteError
+from .formats._checks import check_finite
 from .graph import NetGraph
 from .match import Candidate, Match
 from .replacements import LinearView
-from .rules import linear_spec
 
 logger = logging.getLogger(__name__)
 
-
-class RewriteError(RuntimeError):
-    """A rewrite failed; the network has been restored to its state before the pass."""
+__all__ = ["BiasPassthrough", "QuantizedMatmul", "RewriteError", "Transaction", "apply_match", "linear_view"]
 
 
 class QuantizedMatmul(nn.Cell):
@@ -138,12 +137,14 @@ def _replace_attr(obj: nn.Cell, attr: str, new: Any) -> None:
 def linear_view(netgraph: NetGraph, cand: Candidate) -> LinearView:
     """The float layer a candidate rewrites, as ``y = activation(x @ W.T + b)``."""
     w = netgraph.obj(cand.weight).asnumpy()
+    if w.dtype.kind == "f":  # NaN/Inf, or float64 values beyond float32: name the layer, index and value
+        check_finite(w, f"{cand.path or '<root>'}: weight '{netgraph.node(cand.weight)['path']}'")
     weight = np.ascontiguousarray(w.T if cand.layout == "in_out" else w, dtype=np.float32)
     bias = netgraph.obj(cand.bias).asnumpy().astype(np.float32) if cand.bias else None
     activation = None
     if cand.level == "cell":
         cell = netgraph.obj(cand.anchor)
-        spec = linear_spec(type(cell))
+        spec = cand.spec
         if spec.bias and getattr(cell, "has_bias", True) is False:
             bias = None
         if spec.activation and (spec.activation_flag is None or getattr(cell, spec.activation_flag, False)):

@@ -2,12 +2,11 @@
 
 A rule names a pattern (a small graph matched as a subgraph of the NetGraph), conditions (``where``) and
 a replacement (``rewrite = { to = "<name>", ... }``). Rules are data: TOML files (the built-in families
-live in the top-level ``rules/`` directory) or ``Rule(...)`` in Python. Everything computed is a named
-check, replacement or Linear-like class registered in Python::
+live in the top-level ``rules/`` directory) or ``Rule(...)`` in Python::
 
     [pattern.linear-cell]
     anchor = "lin"
-    nodes.lin = { kind = "cell", type = ["@linear"] }   # @linear: any registered Linear-like class
+    nodes.lin = { kind = "cell", type = ["@linear"] }   # @linear: any Linear-like class of the RuleSet
 
     [linear."mypkg.layers.MyLinear"]                    # my Linear keeps W in self.w as [in, out]
     weight = "w"
@@ -21,25 +20,66 @@ check, replacement or Linear-like class registered in Python::
     where = { exclude = ["lm_head", "*.classifier"], min_in_features = 64 }
     rewrite = { to = "linear4bit", quant_type = "nf4", blocksize = 64, double_quant = true }
 
-A malformed file fails with its path, the rule (or pattern) name and the offending key.
+**A RuleSet owns its state**: its rules, patterns, Linear-like classes, checks (``where`` keys) and
+replacements. The built-in ones are immutable tables in this module and ``replacements.py``; nothing is
+registered at import time. Loading a file builds a new RuleSet and validates everything (keys, values,
+regular expressions, replacement parameters) before returning it; a file that fails to load changes
+nothing anywhere. Extending with Python code is an explicit call on a RuleSet you own
+(``ruleset.register_linear(MyLinear, weight="w")``, ``ruleset.register_check(...)``,
+``ruleset.register_replacement(...)``). The module-level ``register_*`` functions are kept for the
+existing API: they set process-wide defaults that RuleSets created *afterwards* start from (explicit calls
+only; reading a file never reaches them).
+
+**Rule files never import.** A class name in a file (``[linear."pkg.mod.Class"]``, a pattern's ``type``)
+is looked up among modules that are already imported (``sys.modules``, without running any of their
+code) when it is needed; a name whose module is not imported stays a name and matches nothing until it
+is. Only with an explicit opt-in (``allow_imports=["mypkg."]``, ``msbnb --allow-import mypkg``) are
+modules under the listed prefixes imported while the file loads, so that a misspelt class is an error
+right away.
+
+A malformed file fails with its path, the line, the rule (or pattern) name and the offending key.
 """
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import importlib
+import logging
 import re
+import sys
 import tomllib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
+from .errors import RuleError, did_you_mean
+from .replacements import BUILTIN_REPLACEMENTS, Replacement, make_replacement
 
-# ---- errors -------------------------------------------------------------------------------------------------
-class RuleError(ValueError):
-    """A rule file or rule is malformed (the message names the file, the rule and the key)."""
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BUILTIN_FAMILIES",
+    "LinearSpec",
+    "NodeSpec",
+    "Pattern",
+    "Replacement",
+    "Rule",
+    "RuleError",
+    "RuleSet",
+    "as_ruleset",
+    "builtin_patterns",
+    "name_matches",
+    "register_check",
+    "register_linear",
+    "register_replacement",
+]
+
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 
 
 # ---- Linear-like classes ----------------------------------------------------------------------------------------
@@ -59,82 +99,101 @@ class LinearSpec:
 
     def __post_init__(self):
         if self.layout not in ("out_in", "in_out"):
-            raise RuleError(f"LinearSpec.layout must be 'out_in' or 'in_out', got {self.layout!r}")
+            raise RuleError(f"layout must be 'out_in' or 'in_out', got {self.layout!r}")
+        for key in ("weight", "bias", "activation", "activation_flag"):
+            value = getattr(self, key)
+            if value is None and key != "weight":
+                continue
+            if not isinstance(value, str) or not value.isidentifier():
+                raise RuleError(f"{key} must be an attribute name (a Python identifier), got {value!r}")
 
 
-_LINEAR: dict[str, LinearSpec] = {}
+LINEAR_KEYS = ("weight", "bias", "layout", "activation", "activation_flag")
+
+# The built-in Linear-like classes, by public name: resolved among imported modules when a network is matched.
+BUILTIN_LINEARS: Mapping[str, LinearSpec] = MappingProxyType(
+    {
+        "mindspore.nn.Dense": LinearSpec("weight", "bias", "out_in", "activation", "activation_flag"),
+        "mindspore.mint.nn.Linear": LinearSpec("weight", "bias", "out_in"),
+    }
+)
 
 
-def register_linear(
-    cls: type | str,
-    weight: str = "weight",
-    bias: str | None = "bias",
-    layout: str = "out_in",
-    activation: str | None = None,
-    activation_flag: str | None = None,
-) -> LinearSpec:
-    """Declare a Linear-like cell class (by class or qualified name) so that ``@linear`` patterns match it."""
-    spec = LinearSpec(weight, bias, layout, activation, activation_flag)
-    _LINEAR[_class_key(cls)] = spec
-    return spec
-
-
-def _class_key(cls: type | str) -> str:
-    if isinstance(cls, str):
-        resolved = resolve_class(cls)
-        return f"{resolved.__module__}.{resolved.__qualname__}" if resolved else cls
+def class_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def linear_spec(cls: type) -> LinearSpec | None:
-    """The LinearSpec of a class (exact class first, then the built-in ones), or None."""
-    _builtin_linears()
-    return _LINEAR.get(f"{cls.__module__}.{cls.__qualname__}")
+def resolve_loaded(name: str) -> Any:
+    """The object a dotted name denotes among *already imported* modules, or None. Imports nothing and
+    runs no module code (no ``__getattr__``): only ``sys.modules`` and ``vars()`` are read."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        module = sys.modules.get(".".join(parts[:i]))
+        if module is None:
+            continue
+        obj: Any = module
+        for attr in parts[i:]:
+            try:
+                obj = vars(obj).get(attr)
+            except TypeError:
+                return None
+            if obj is None:
+                break
+        if obj is not None:
+            return obj
+    return None
 
 
-_BUILTIN_LINEARS_ADDED: list[bool] = []
+def _import_allowed(name: str, allow_imports: Sequence[str]) -> bool:
+    return any(name == p.rstrip(".") or name.startswith(p if p.endswith(".") else p + ".") for p in allow_imports)
 
 
-def _builtin_linears() -> None:
-    """nn.Dense and mint.nn.Linear, registered on first use (importing MindSpore is not free)."""
-    if _BUILTIN_LINEARS_ADDED:
-        return
-    from mindspore import mint, nn
+def resolve_class(name: str, allow_imports: Sequence[str] = ()) -> type | None:
+    """``"mindspore.nn.Dense"`` -> the class, looked up among imported modules; modules under an
+    ``allow_imports`` prefix are imported first. None when it cannot be found without importing."""
+    obj = resolve_loaded(name)
+    if obj is None and allow_imports and _import_allowed(name, allow_imports):
+        parts = name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            module = ".".join(parts[:i])
+            try:
+                importlib.import_module(module)
+                break
+            except ModuleNotFoundError as exc:
+                if exc.name is None or not module.startswith(exc.name):
+                    raise
+        obj = resolve_loaded(name)
+    return obj if isinstance(obj, type) else None
 
-    _LINEAR.setdefault(_class_key(nn.Dense), LinearSpec("weight", "bias", "out_in", "activation", "activation_flag"))
-    _LINEAR.setdefault(_class_key(mint.nn.Linear), LinearSpec("weight", "bias", "out_in"))
-    _BUILTIN_LINEARS_ADDED.append(True)
 
-
-def resolve_class(name: str) -> type | None:
-    """``"mindspore.nn.Dense"`` -> the class (public aliases work); None if it cannot be imported."""
-    module, _, attr = name.rpartition(".")
-    if not module:
-        return None
-    try:
-        obj = importlib.import_module(module)
-    except ImportError:
-        parent = resolve_class(module)
-        obj = parent
-    if obj is None:
-        return None
-    value = getattr(obj, attr, None)
-    return value if isinstance(value, type) else None
+def _check_class_name(name: Any, where: str, allow_imports: Sequence[str]) -> None:
+    """Refuse what cannot be a class name; with an import opt-in, refuse names that do not resolve."""
+    if not isinstance(name, str) or not _DOTTED.match(name):
+        raise RuleError(f"{where}: {name!r} is not a qualified class name like 'package.module.Class'")
+    obj = resolve_loaded(name)
+    if obj is None and _import_allowed(name, allow_imports):
+        try:
+            obj = resolve_class(name, allow_imports)
+        except ImportError as exc:
+            raise RuleError(f"{where}: importing for {name!r} failed: {type(exc).__name__}: {exc}") from None
+        if obj is None:
+            raise RuleError(f"{where}: {name!r} names no class (the import was allowed, the name does not exist)")
+    if obj is not None and not isinstance(obj, type):
+        raise RuleError(f"{where}: {name!r} is a {type(obj).__name__}, not a class")
 
 
 # ---- checks (the `where` table) -----------------------------------------------------------------------------
-Check = Callable[[Any, Any], "str | None"]  # (candidate, value) -> reason it fails, or None
-_CHECKS: dict[str, Check] = {}
+CheckFn = Callable[[Any, Any], "str | None"]  # (candidate, value) -> reason it fails, or None
 
 
-def register_check(name: str):
-    """Decorator: register a condition usable as ``where = { <name> = value }``; it returns a reason or None."""
+@dataclass(frozen=True)
+class Check:
+    """A named condition: ``fn(candidate, value)`` returns why the candidate fails, or None.
+    ``validate(value)`` returns the normalised value or raises ValueError (run when a rule is loaded)."""
 
-    def wrap(fn: Check) -> Check:
-        _CHECKS[name] = fn
-        return fn
-
-    return wrap
+    name: str
+    fn: CheckFn
+    validate: Callable[[Any], Any] | None = None
 
 
 def name_matches(path: str, pattern: str) -> bool:
@@ -157,7 +216,19 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-@register_check("include")
+def _validate_names(value: Any) -> list[str]:
+    names = _as_list(value)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"must be a module name or a list of them (non-empty strings), got {value!r}")
+    for n in names:
+        if n.startswith("re:"):
+            try:
+                re.compile(n[3:])
+            except re.error as exc:
+                raise ValueError(f"{n!r} is not a valid regular expression: {exc}") from None
+    return names
+
+
 def _check_include(cand, value) -> str | None:
     pats = _as_list(value)
     if not any(name_matches(cand.path, p) for p in pats):
@@ -165,7 +236,6 @@ def _check_include(cand, value) -> str | None:
     return None
 
 
-@register_check("exclude")
 def _check_exclude(cand, value) -> str | None:
     for p in _as_list(value):
         if name_matches(cand.path, p):
@@ -173,7 +243,13 @@ def _check_exclude(cand, value) -> str | None:
     return None
 
 
-def _feature_check(attr: str, op: str):
+def _validate_count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _feature_check(attr: str, op: str) -> CheckFn:
     def check(cand, value) -> str | None:
         have = getattr(cand, attr)
         if have is None:
@@ -186,12 +262,17 @@ def _feature_check(attr: str, op: str):
     return check
 
 
-for _attr in ("in_features", "out_features"):
-    register_check(f"min_{_attr}")(_feature_check(_attr, "min"))
-    register_check(f"max_{_attr}")(_feature_check(_attr, "max"))
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
-@register_check("dtype")
+def _validate_dtypes(value: Any) -> list[str]:
+    names = _as_list(value)
+    bad = [n for n in names if n not in WEIGHT_DTYPES]
+    if not names or bad:
+        raise ValueError(f"{bad or value!r} is not accepted; accepted: {list(WEIGHT_DTYPES)}")
+    return names
+
+
 def _check_dtype(cand, value) -> str | None:
     allowed = _as_list(value)
     if cand.weight_dtype not in allowed:
@@ -199,57 +280,94 @@ def _check_dtype(cand, value) -> str | None:
     return None
 
 
-@register_check("allow_shared")
+def _validate_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
 def _check_shared(cand, value) -> str | None:
-    # evaluated by the matcher (it knows the weight's other uses); registered so the key validates
-    return None
+    return None  # evaluated by the matcher (it knows the weight's other uses)
 
 
-# ---- replacements -----------------------------------------------------------------------------------------------
+BUILTIN_CHECKS: Mapping[str, Check] = MappingProxyType(
+    {
+        "include": Check("include", _check_include, _validate_names),
+        "exclude": Check("exclude", _check_exclude, _validate_names),
+        "min_in_features": Check("min_in_features", _feature_check("in_features", "min"), _validate_count),
+        "max_in_features": Check("max_in_features", _feature_check("in_features", "max"), _validate_count),
+        "min_out_features": Check("min_out_features", _feature_check("out_features", "min"), _validate_count),
+        "max_out_features": Check("max_out_features", _feature_check("out_features", "max"), _validate_count),
+        "dtype": Check("dtype", _check_dtype, _validate_dtypes),
+        "allow_shared": Check("allow_shared", _check_shared, _validate_bool),
+    }
+)
+
+
+# ---- process-wide defaults set by explicit calls (the module-level register_* API) -------------------------------
 @dataclass
-class Replacement:
-    """A named factory: (LinearView, params) -> a quantized Linear cell. ``params`` lists what it accepts."""
-
-    name: str
-    build: Callable[..., Any]
-    params: dict[str, Any]  # accepted parameter -> default
-    scheme: Callable[[dict], str]  # the quantization scheme name (for reports and default bounds)
+class _Defaults:
+    linears: dict[type, LinearSpec] = field(default_factory=dict)
+    checks: dict[str, Check] = field(default_factory=dict)
+    replacements: dict[str, Replacement] = field(default_factory=dict)
 
 
-_REPLACEMENTS: dict[str, Replacement] = {}
+_DEFAULTS = _Defaults()
 
 
-def register_replacement(name: str, params: dict[str, Any], scheme: Callable[[dict], str] | str):
-    """Decorator: register ``fn(view, **params) -> Cell`` as replacement ``name``."""
+def register_linear(
+    cls: type,
+    weight: str = "weight",
+    bias: str | None = "bias",
+    layout: str = "out_in",
+    activation: str | None = None,
+    activation_flag: str | None = None,
+) -> LinearSpec:
+    """Declare a Linear-like class for every RuleSet created from now on in this process.
 
-    def wrap(fn):
-        _REPLACEMENTS[name] = Replacement(name, fn, dict(params), scheme if callable(scheme) else (lambda p: scheme))
+    Prefer ``ruleset.register_linear(...)`` on a RuleSet you own; this is the process-wide form."""
+    if not isinstance(cls, type):
+        raise RuleError(
+            f'register_linear needs the class itself, got {cls!r}; a rule file can name it with [linear."..."]'
+        )
+    spec = LinearSpec(weight, bias, layout, activation, activation_flag)
+    _DEFAULTS.linears[cls] = spec
+    logger.debug("register_linear: %s -> %s (process-wide)", class_name(cls), spec)
+    return spec
+
+
+def register_check(name: str) -> Callable[[CheckFn], CheckFn]:
+    """Decorator: a condition usable as ``where = { <name> = value }`` in RuleSets created from now on."""
+    _check_check_name(name)
+
+    def wrap(fn: CheckFn) -> CheckFn:
+        _DEFAULTS.checks[name] = Check(name, fn)
         return fn
 
     return wrap
 
 
-def replacement(name: str) -> Replacement:
-    _builtin_replacements()
-    if name not in _REPLACEMENTS:
-        raise KeyError(f"unknown replacement {name!r}; known: {sorted(_REPLACEMENTS)}")
-    return _REPLACEMENTS[name]
+def register_replacement(
+    name: str, params: dict[str, Any], scheme: Callable[[dict], str] | str
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: ``fn(view, **params) -> Cell`` as replacement ``name`` in RuleSets created from now on."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _DEFAULTS.replacements[name] = make_replacement(name, fn, params, scheme)
+        return fn
+
+    return wrap
 
 
-def known_replacements() -> list[str]:
-    _builtin_replacements()
-    return sorted(_REPLACEMENTS)
-
-
-def _builtin_replacements() -> None:
-    if "linear4bit" in _REPLACEMENTS:
-        return
-    from . import replacements  # noqa: F401  (registers the built-in ones)
+def _check_check_name(name: Any) -> None:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise RuleError(f"a check name must be an identifier, got {name!r}")
 
 
 # ---- patterns ----------------------------------------------------------------------------------------------------
 NODE_KEYS = {"kind", "type", "op", "callee", "ndim", "attrs", "subclasses"}
 KINDS = ("cell", "param", "call")
+LinearLookup = Callable[[type], "LinearSpec | None"]
 
 
 @dataclass(frozen=True)
@@ -264,11 +382,11 @@ class NodeSpec:
     attrs: tuple[tuple[str, Any], ...] = ()
     subclasses: bool = False
 
-    def reason(self, data: dict, obj: Any = None) -> str | None:
-        """Why a node does not satisfy this spec (None when it does)."""
+    def reason(self, data: dict, obj: Any = None, linear_spec: LinearLookup | None = None) -> str | None:
+        """Why a node does not satisfy this spec (None when it does). ``linear_spec`` answers ``@linear``."""
         if data.get("kind") != self.kind:
             return f"is a {data.get('kind')}, not a {self.kind}"
-        if self.type and not self._type_ok(data, obj):
+        if self.type and not self._type_ok(data, obj, linear_spec):
             return f"type {data.get('type_name')} is not one of {list(self.type)}"
         if self.callee and data.get("callee") not in self.callee:
             what = {"function": "a functional call that cannot be rewritten in place"}.get(data.get("callee"))
@@ -282,18 +400,18 @@ class NodeSpec:
                 return f"{k}={data.get('prim_attrs', {}).get(k)!r}, the pattern needs {v!r}"
         return None
 
-    def _type_ok(self, data: dict, obj: Any) -> bool:
+    def _type_ok(self, data: dict, obj: Any, linear_spec: LinearLookup | None) -> bool:
         cls = type(obj) if obj is not None else None
         for name in self.type:
             if name == "@linear":
-                if cls is not None and linear_spec(cls) is not None:
+                if cls is not None and linear_spec is not None and linear_spec(cls) is not None:
                     return True
                 continue
             if name in (data.get("type"), data.get("type_name")):
                 return True
-            target = resolve_class(name)
+            target = resolve_loaded(name)
             if (
-                target is not None
+                isinstance(target, type)
                 and cls is not None
                 and (cls is target or (self.subclasses and issubclass(cls, target)))
             ):
@@ -332,7 +450,11 @@ class Pattern:
 # ---- rules ---------------------------------------------------------------------------------------------------------
 @dataclass
 class Rule:
-    """One rewrite rule. ``pattern`` is a Pattern or the name of one known to the RuleSet."""
+    """One rewrite rule. ``pattern`` is a Pattern or the name of one known to the RuleSet.
+
+    A Rule on its own is only checked for its shape; the names it uses (pattern, ``where`` keys, the
+    replacement and its parameters) are checked against the RuleSet it is added to, which keeps a bound
+    copy."""
 
     name: str
     pattern: Pattern | str
@@ -341,33 +463,43 @@ class Rule:
     priority: int = 0
     description: str = ""
     source: str = "<python>"
+    line: int | None = field(default=None, compare=False)
+    _replacement: Replacement | None = field(default=None, repr=False, compare=False)
+    _locate: Callable[[str, int], int | None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        where = f"{self.source}: rule {self.name!r}"
+        where = self.origin()
         if not isinstance(self.name, str) or not self.name:
-            raise RuleError(f"{self.source}: a rule needs a non-empty 'name'")
+            raise RuleError(f"{self.source}: a rule needs a non-empty 'name', got {self.name!r}")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise RuleError(f"{where}: 'priority' must be an integer, got {self.priority!r}")
         if not isinstance(self.where, dict):
             raise RuleError(f"{where}: 'where' must be a table, got {type(self.where).__name__}")
-        for key in self.where:
-            if key not in _CHECKS:
-                raise RuleError(f"{where}: unknown condition 'where.{key}'; known: {sorted(_CHECKS)}")
         if not isinstance(self.rewrite, dict) or "to" not in self.rewrite:
             raise RuleError(f"{where}: 'rewrite' must be a table with 'to' naming a replacement")
-        try:
-            repl = replacement(self.rewrite["to"])
-        except KeyError as exc:
-            raise RuleError(f"{where}: 'rewrite.to' = {self.rewrite['to']!r}: {exc.args[0]}") from None
-        for key in self.rewrite:
-            if key != "to" and key not in repl.params:
-                raise RuleError(
-                    f"{where}: unknown key 'rewrite.{key}' for replacement {repl.name!r}; accepted: {sorted(repl.params)}"
-                )
+        if not isinstance(self.pattern, (Pattern, str)):
+            raise RuleError(f"{where}: 'pattern' must be a pattern name, got {self.pattern!r}")
+        if not isinstance(self.description, str):
+            raise RuleError(f"{where}: 'description' must be a string, got {self.description!r}")
+
+    def origin(self, needle: str | None = None) -> str:
+        """``file:line: rule 'name'`` (or ``<python>: rule 'name'``) for messages; with ``needle``, the line
+        is the first one of the rule's text that mentions it (a key or an offending value)."""
+        line = self.line
+        if needle and self._locate is not None and self.line:
+            line = self._locate(needle, self.line) or self.line
+        loc = f"{self.source}:{line}" if line else self.source
+        return f"{loc}: rule {self.name!r}"
 
     @property
     def replacement(self) -> Replacement:
-        return replacement(self.rewrite["to"])
+        if self._replacement is not None:
+            return self._replacement
+        to = self.rewrite["to"]
+        table = {**BUILTIN_REPLACEMENTS, **_DEFAULTS.replacements}
+        if to not in table:
+            raise RuleError(f"{self.origin()}: unknown replacement {to!r}; known: {sorted(table)}")
+        return table[to]
 
     def replacement_params(self) -> dict[str, Any]:
         params = dict(self.replacement.params)
@@ -378,89 +510,336 @@ class Rule:
     def scheme(self) -> str:
         return self.replacement.scheme(self.replacement_params())
 
+    def with_changes(self, *, rewrite: dict | None = None, where: dict | None = None) -> Rule:
+        """An unbound copy with ``rewrite`` / ``where`` entries updated (add it to a RuleSet to validate)."""
+        return Rule(
+            self.name,
+            self.pattern.name if isinstance(self.pattern, Pattern) else self.pattern,
+            {**copy.deepcopy(self.rewrite), **(rewrite or {})},
+            {**copy.deepcopy(self.where), **(where or {})},
+            self.priority,
+            self.description,
+            self.source,
+            self.line,
+        )
+
 
 class RuleSet:
-    """Rules plus the patterns they may name."""
+    """Rules plus everything they may name: patterns, Linear-like classes, checks and replacements.
+
+    A new RuleSet starts from the built-in tables (and the process-wide defaults set by the module-level
+    ``register_*`` calls); ``register_linear`` / ``register_check`` / ``register_replacement`` extend this
+    RuleSet only. Adding a rule validates it against this RuleSet and stores a bound copy.
+    """
 
     def __init__(self, rules: Iterable[Rule] = (), patterns: Iterable[Pattern] = ()):
-        self.patterns: dict[str, Pattern] = {}
-        for p in builtin_patterns():
-            self.patterns[p.name] = p
+        self.patterns: dict[str, Pattern] = {p.name: p for p in builtin_patterns()}
         for p in patterns:
             self.patterns[p.name] = p
+        # Linear-like classes: by class (Python registrations) and by name (built-ins, rule files)
+        self._linear_classes: dict[type, tuple[LinearSpec, str]] = {
+            cls: (spec, "register_linear") for cls, spec in _DEFAULTS.linears.items()
+        }
+        self._linear_names: dict[str, tuple[LinearSpec, str]] = {
+            name: (spec, "built-in") for name, spec in BUILTIN_LINEARS.items()
+        }
+        self._checks: dict[str, Check] = {**BUILTIN_CHECKS, **_DEFAULTS.checks}
+        self._replacements: dict[str, Replacement] = {**BUILTIN_REPLACEMENTS, **_DEFAULTS.replacements}
+        self._spec_cache: dict[type, LinearSpec | None] = {}
         self.rules: list[Rule] = []
         for r in rules:
             self.add(r)
 
-    def add(self, rule: Rule) -> None:
-        if isinstance(rule.pattern, str):
-            if rule.pattern not in self.patterns:
-                raise RuleError(
-                    f"{rule.source}: rule {rule.name!r}: unknown pattern {rule.pattern!r}; known: {sorted(self.patterns)}"
-                )
-            rule.pattern = self.patterns[rule.pattern]
-        if any(r.name == rule.name for r in self.rules):
-            raise RuleError(f"{rule.source}: rule {rule.name!r} is defined twice")
-        self.rules.append(rule)
+    # ---- extension, explicit and local to this RuleSet ------------------------------------------------------
+    def register_linear(
+        self,
+        cls: type,
+        weight: str = "weight",
+        bias: str | None = "bias",
+        layout: str = "out_in",
+        activation: str | None = None,
+        activation_flag: str | None = None,
+    ) -> LinearSpec:
+        """Declare a Linear-like cell class so that this RuleSet's ``@linear`` patterns match it."""
+        if not isinstance(cls, type):
+            raise RuleError(f"register_linear needs the class itself, got {cls!r}")
+        spec = LinearSpec(weight, bias, layout, activation, activation_flag)
+        self._linear_classes[cls] = (spec, "register_linear")
+        self._spec_cache.clear()
+        return spec
 
-    def __iter__(self):
+    def declare_linear(self, name: str, spec: LinearSpec, source: str) -> None:
+        """Declare a Linear-like class by qualified name (what a rule file's ``[linear."..."]`` does)."""
+        have = self._linear_names.get(name)
+        if have is not None and have[0] != spec:
+            raise RuleError(
+                f"{source}: linear.{name!r} is already declared by {have[1]} as {_spec_text(have[0])}; "
+                f"a rule set cannot give one class two layouts"
+            )
+        self._linear_names[name] = (spec, source)
+        self._spec_cache.clear()
+
+    def register_check(self, name: str, fn: CheckFn | None = None, validate: Callable[[Any], Any] | None = None) -> Any:
+        """Add a condition ``where = { <name> = value }`` to this RuleSet (usable as a decorator)."""
+        _check_check_name(name)
+
+        def wrap(f: CheckFn) -> CheckFn:
+            self._checks[name] = Check(name, f, validate)
+            return f
+
+        return wrap(fn) if fn is not None else wrap
+
+    def register_replacement(
+        self,
+        name: str,
+        build: Callable[..., Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+        scheme: Callable[[dict], str] | str = "custom",
+    ) -> Any:
+        """Add a replacement ``build(view, **params) -> Cell`` to this RuleSet (usable as a decorator)."""
+
+        def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self._replacements[name] = make_replacement(name, fn, params or {}, scheme)
+            return fn
+
+        return wrap(build) if build is not None else wrap
+
+    # ---- lookups -----------------------------------------------------------------------------------------------
+    def linear_spec(self, cls: type) -> LinearSpec | None:
+        """The LinearSpec of a class in this RuleSet, or None. Names are resolved among imported modules
+        (cached per class; ``refresh()`` forgets the cache, e.g. after more modules were imported)."""
+        if cls in self._spec_cache:
+            return self._spec_cache[cls]
+        spec = self._linear_spec(cls)
+        self._spec_cache[cls] = spec
+        return spec
+
+    def refresh(self) -> None:
+        """Forget which classes the names resolved to (the matcher calls it before each run)."""
+        self._spec_cache.clear()
+
+    def _linear_spec(self, cls: type) -> LinearSpec | None:
+        found: list[tuple[LinearSpec, str]] = []
+        if cls in self._linear_classes:
+            found.append(self._linear_classes[cls])
+        for name, entry in self._linear_names.items():
+            if name == class_name(cls) or resolve_loaded(name) is cls:
+                found.append(entry)
+        if not found:
+            return None
+        specs = {spec for spec, _ in found}
+        if len(specs) > 1:
+            raise RuleError(
+                f"class {class_name(cls)} has conflicting Linear-like declarations: "
+                + "; ".join(f"{src}: {_spec_text(spec)}" for spec, src in found)
+            )
+        return found[0][0]
+
+    def check(self, key: str) -> Check:
+        return self._checks[key]
+
+    def replacement(self, name: str) -> Replacement:
+        if name not in self._replacements:
+            raise RuleError(
+                f"unknown replacement {name!r}{did_you_mean(name, self._replacements)}; known: {sorted(self._replacements)}"
+            )
+        return self._replacements[name]
+
+    def known_checks(self) -> list[str]:
+        return sorted(self._checks)
+
+    def known_replacements(self) -> list[str]:
+        return sorted(self._replacements)
+
+    def linear_classes(self) -> list[str]:
+        """The Linear-like classes this RuleSet knows (qualified names)."""
+        return sorted({*self._linear_names, *(class_name(c) for c in self._linear_classes)})
+
+    # ---- rules -------------------------------------------------------------------------------------------------
+    def add(self, rule: Rule) -> Rule:
+        """Validate ``rule`` against this RuleSet and add a bound copy of it; returns the copy."""
+        where = rule.origin()
+        pattern = rule.pattern
+        if isinstance(pattern, str):
+            if pattern not in self.patterns:
+                raise RuleError(
+                    f"{where}: unknown pattern {pattern!r}{did_you_mean(pattern, self.patterns)}; "
+                    f"known: {sorted(self.patterns)}"
+                )
+            pattern = self.patterns[pattern]
+        conditions = {}
+        for key, value in rule.where.items():
+            if key not in self._checks:
+                raise RuleError(
+                    f"{rule.origin(key)}: unknown condition 'where.{key}'{did_you_mean(key, self._checks)}; "
+                    f"known: {sorted(self._checks)}"
+                )
+            validate = self._checks[key].validate
+            try:
+                conditions[key] = validate(value) if validate else copy.deepcopy(value)
+            except ValueError as exc:
+                bad = next((v for v in _as_list(value) if isinstance(v, str) and v in str(exc)), key)
+                raise RuleError(f"{rule.origin(bad)}: where.{key}: {exc}") from None
+        to = rule.rewrite["to"]
+        if not isinstance(to, str) or to not in self._replacements:
+            raise RuleError(
+                f"{where}: 'rewrite.to' = {to!r}: unknown replacement {to!r}"
+                f"{did_you_mean(str(to), self._replacements)}; known: {sorted(self._replacements)}"
+            )
+        repl = self._replacements[to]
+        for key in rule.rewrite:
+            if key != "to" and key not in repl.params:
+                raise RuleError(
+                    f"{rule.origin(key)}: unknown key 'rewrite.{key}' for replacement {repl.name!r}"
+                    f"{did_you_mean(key, repl.params)}; accepted: {sorted(repl.params)}"
+                )
+        params = {**repl.params, **{k: v for k, v in rule.rewrite.items() if k != "to"}}
+        try:
+            repl.validate(params)
+        except ValueError as exc:
+            bad = next((k for k in rule.rewrite if f"rewrite.{k} " in str(exc)), "rewrite")
+            raise RuleError(f"{rule.origin(bad)}: {exc} (replacement {repl.name!r})") from None
+        if any(r.name == rule.name for r in self.rules):
+            raise RuleError(f"{where}: rule {rule.name!r} is defined twice")
+        bound = Rule(
+            rule.name,
+            pattern,
+            copy.deepcopy(rule.rewrite),
+            conditions,
+            rule.priority,
+            rule.description,
+            rule.source,
+            rule.line,
+            _replacement=repl,
+            _locate=rule._locate,
+        )
+        self.rules.append(bound)
+        return bound
+
+    def __iter__(self) -> Iterator[Rule]:
         return iter(self.rules)
 
     def __len__(self) -> int:
         return len(self.rules)
 
+    def copy(self, rules: Iterable[Rule] | None = None) -> RuleSet:
+        """A RuleSet with this one's patterns, classes, checks and replacements, and ``rules`` (default:
+        this one's rules)."""
+        out = RuleSet.__new__(RuleSet)
+        out.patterns = dict(self.patterns)
+        out._linear_classes = dict(self._linear_classes)
+        out._linear_names = dict(self._linear_names)
+        out._checks = dict(self._checks)
+        out._replacements = dict(self._replacements)
+        out._spec_cache = {}
+        out.rules = []
+        for r in self.rules if rules is None else rules:
+            out.add(r)
+        return out
+
     def __add__(self, other: RuleSet) -> RuleSet:
-        out = RuleSet(patterns=[*self.patterns.values(), *other.patterns.values()])
+        if not isinstance(other, RuleSet):
+            return NotImplemented
+        out = self.copy(rules=())
+        out.patterns.update(other.patterns)
+        for cls, (spec, src) in other._linear_classes.items():
+            have = out._linear_classes.get(cls)
+            if have is not None and have[0] != spec:
+                raise RuleError(f"{src}: {class_name(cls)} is declared twice with different layouts")
+            out._linear_classes[cls] = (spec, src)
+        for name, (spec, src) in other._linear_names.items():
+            out.declare_linear(name, spec, src)
+        out._checks.update(other._checks)
+        out._replacements.update(other._replacements)
         for r in [*self.rules, *other.rules]:
             out.add(r)
         return out
 
+    def with_rewrite(self, **params: Any) -> RuleSet:
+        """A copy whose rules' replacements that accept ``params`` get them (e.g. ``backend="reference"``)."""
+        rules = [
+            r.with_changes(rewrite={k: v for k, v in params.items() if k in r.replacement.params}) for r in self.rules
+        ]
+        return self.copy(rules)
+
+    # ---- loading -------------------------------------------------------------------------------------------------
     @classmethod
-    def from_toml(cls, source: str | Path, text: str | None = None) -> RuleSet:
-        """Load rules (and patterns, Linear-like classes) from a TOML file, or from ``text`` named ``source``."""
+    def from_toml(cls, source: str | Path, text: str | None = None, *, allow_imports: Sequence[str] = ()) -> RuleSet:
+        """Load rules (and patterns, Linear-like classes) from a TOML file, or from ``text`` named ``source``.
+
+        Nothing is imported unless a class name falls under an ``allow_imports`` prefix (e.g. ``["mypkg."]``),
+        and nothing outside the returned RuleSet changes, whether loading succeeds or fails."""
         src = str(source)
+        allow = _allow_list(allow_imports)
         if text is None:
             try:
-                text = Path(source).read_text(encoding="utf-8")
+                raw = Path(source).read_bytes()
             except OSError as exc:
                 raise RuleError(f"{src}: cannot read the rule file: {exc.strerror or exc}") from None
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                line = raw[: exc.start].count(b"\n") + 1
+                raise RuleError(f"{src}:{line}: the rule file is not UTF-8 text ({exc.reason})") from None
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise RuleError(f"{src}: TOML syntax error: {exc}") from None
-        return cls._from_data(data, src)
+        return cls._from_data(data, src, text, allow)
 
     @classmethod
-    def _from_data(cls, data: dict, src: str) -> RuleSet:
+    def _from_data(cls, data: dict, src: str, text: str = "", allow_imports: Sequence[str] = ()) -> RuleSet:
+        locate = _Locator(src, text)
         unknown = set(data) - {"pattern", "rule", "linear"}
         if unknown:
+            name = sorted(unknown)[0]
             raise RuleError(
-                f"{src}: unknown top-level key(s) {sorted(unknown)}; accepted: ['linear', 'pattern', 'rule']"
+                f"{locate(name)}: unknown top-level key(s) {sorted(unknown)}"
+                f"{did_you_mean(name, ['linear', 'pattern', 'rule'])}; accepted: ['linear', 'pattern', 'rule']"
             )
-        for cls_name, spec in (data.get("linear") or {}).items():
+        linears = data.get("linear") or {}
+        if not isinstance(linears, dict):
+            raise RuleError(f"{locate('linear')}: 'linear' must be a table of classes ([linear.\"pkg.Class\"])")
+        specs = {}
+        for cls_name, spec in linears.items():
+            here = f"{locate(cls_name)}: linear.{cls_name!r}"
             if not isinstance(spec, dict):
-                raise RuleError(f"{src}: linear.{cls_name!r} must be a table")
-            bad = set(spec) - {"weight", "bias", "layout", "activation", "activation_flag"}
+                raise RuleError(f"{here} must be a table")
+            bad = set(spec) - set(LINEAR_KEYS)
             if bad:
-                raise RuleError(f"{src}: linear.{cls_name!r}: unknown key(s) {sorted(bad)}")
+                key = sorted(bad)[0]
+                raise RuleError(
+                    f"{here}: unknown key(s) {sorted(bad)}{did_you_mean(key, LINEAR_KEYS)}; accepted: {list(LINEAR_KEYS)}"
+                )
+            _check_class_name(cls_name, here, allow_imports)
             try:
-                register_linear(cls_name, **spec)
-            except (RuleError, TypeError) as exc:
-                raise RuleError(f"{src}: linear.{cls_name!r}: {exc}") from None
-        patterns = [_pattern_from_data(name, body, src) for name, body in (data.get("pattern") or {}).items()]
+                specs[cls_name] = LinearSpec(**spec)
+            except RuleError as exc:
+                raise RuleError(f"{here}: {exc}") from None
+        patterns_data = data.get("pattern") or {}
+        if not isinstance(patterns_data, dict):
+            raise RuleError(f"{locate('pattern')}: 'pattern' must be a table of patterns ([pattern.name])")
+        patterns = [_pattern_from_data(name, body, locate, allow_imports) for name, body in patterns_data.items()]
         out = cls(patterns=patterns)
+        for cls_name, spec in specs.items():
+            out.declare_linear(cls_name, spec, f"{locate(cls_name)}")
         rules = data.get("rule") or []
         if not isinstance(rules, list):
-            raise RuleError(f"{src}: 'rule' must be an array of tables ([[rule]])")
+            raise RuleError(f"{locate('rule')}: 'rule' must be an array of tables ([[rule]])")
         for i, body in enumerate(rules):
+            line = locate.rule_line(i)
+            here = f"{src}:{line}" if line else src
             name = body.get("name", f"#{i + 1}") if isinstance(body, dict) else f"#{i + 1}"
             if not isinstance(body, dict):
-                raise RuleError(f"{src}: rule {name}: must be a table")
+                raise RuleError(f"{here}: rule {name}: must be a table")
             bad = set(body) - {"name", "pattern", "priority", "where", "rewrite", "description"}
             if bad:
-                raise RuleError(f"{src}: rule {name!r}: unknown key(s) {sorted(bad)}")
+                raise RuleError(
+                    f"{here}: rule {name!r}: unknown key(s) {sorted(bad)}; accepted: "
+                    "['description', 'name', 'pattern', 'priority', 'rewrite', 'where']"
+                )
             if "pattern" not in body:
-                raise RuleError(f"{src}: rule {name!r}: missing key 'pattern'")
+                raise RuleError(f"{here}: rule {name!r}: missing key 'pattern'")
             out.add(
                 Rule(
                     name=body.get("name", ""),
@@ -470,6 +849,8 @@ class RuleSet:
                     priority=body.get("priority", 0),
                     description=body.get("description", ""),
                     source=src,
+                    line=line,
+                    _locate=locate.line_of,
                 )
             )
         return out
@@ -480,7 +861,10 @@ class RuleSet:
         out = cls()
         for fam in families:
             if fam not in BUILTIN_FAMILIES:
-                raise ValueError(f"unknown rule family {fam!r}; built-in: {list(BUILTIN_FAMILIES)}")
+                raise RuleError(
+                    f"unknown rule family {fam!r}{did_you_mean(str(fam), BUILTIN_FAMILIES)}; "
+                    f"built-in: {list(BUILTIN_FAMILIES)}"
+                )
             out = out + cls.from_toml(f"rules/{fam}.toml", _builtin_text(f"{fam}.toml"))
         return out
 
@@ -500,6 +884,43 @@ class RuleSet:
         ]
 
 
+def _spec_text(spec: LinearSpec) -> str:
+    return f"weight={spec.weight!r}, bias={spec.bias!r}, layout={spec.layout!r}"
+
+
+def _allow_list(allow_imports: Any) -> tuple[str, ...]:
+    if isinstance(allow_imports, str):
+        allow_imports = [allow_imports]
+    out = []
+    for p in allow_imports or ():
+        if not isinstance(p, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\.?$", p):
+            raise RuleError(f"allow_imports: {p!r} is not a module prefix like 'mypkg.' or 'mypkg.layers'")
+        out.append(p)
+    return tuple(out)
+
+
+class _Locator:
+    """Line numbers for messages about a TOML text (tomllib keeps none): the first line mentioning a key."""
+
+    def __init__(self, src: str, text: str):
+        self.src = src
+        self.lines = text.splitlines()
+        self._rule_lines = [i + 1 for i, line in enumerate(self.lines) if re.match(r"^\s*\[\[\s*rule\s*\]\]", line)]
+
+    def line_of(self, needle: str, start: int = 1) -> int | None:
+        for i in range(max(start, 1) - 1, len(self.lines)):
+            if needle in self.lines[i]:
+                return i + 1
+        return None
+
+    def rule_line(self, index: int) -> int | None:
+        return self._rule_lines[index] if index < len(self._rule_lines) else None
+
+    def __call__(self, needle: str, start: int = 1) -> str:
+        line = self.line_of(needle, start) if needle else None
+        return f"{self.src}:{line}" if line else self.src
+
+
 BUILTIN_FAMILIES = ("int8", "llm_int8", "nf4", "fp4", "int4")
 
 
@@ -510,82 +931,117 @@ def _builtin_text(filename: str) -> str:
         return (Path(__file__).resolve().parents[1] / "rules" / filename).read_text(encoding="utf-8")
 
 
-_PATTERNS: list[Pattern] | None = None
+@cache
+def _builtin_patterns() -> tuple[Pattern, ...]:
+    text = _builtin_text("patterns.toml")
+    locate = _Locator("rules/patterns.toml", text)
+    data = tomllib.loads(text)
+    return tuple(_pattern_from_data(n, b, locate, ()) for n, b in data.get("pattern", {}).items())
 
 
 def builtin_patterns() -> list[Pattern]:
     """The patterns of rules/patterns.toml (linear-cell, matmul-param, matmul-param-bias)."""
-    global _PATTERNS
-    if _PATTERNS is None:
-        data = tomllib.loads(_builtin_text("patterns.toml"))
-        _PATTERNS = [_pattern_from_data(n, b, "rules/patterns.toml") for n, b in data.get("pattern", {}).items()]
-    return list(_PATTERNS)
+    return list(_builtin_patterns())
 
 
 def _tuple(value: Any) -> tuple:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
-def _pattern_from_data(name: str, body: Any, src: str) -> Pattern:
-    where = f"{src}: pattern {name!r}"
+def _pattern_from_data(name: str, body: Any, locate: _Locator, allow_imports: Sequence[str]) -> Pattern:
+    where = f"{locate(f'pattern.{name}')}: pattern {name!r}"
     if not isinstance(body, dict):
         raise RuleError(f"{where}: must be a table")
     bad = set(body) - {"nodes", "edges", "anchor"}
     if bad:
         raise RuleError(f"{where}: unknown key(s) {sorted(bad)}; accepted: ['anchor', 'edges', 'nodes']")
     nodes = {}
-    for node_name, spec in (body.get("nodes") or {}).items():
+    node_table = body.get("nodes") or {}
+    if not isinstance(node_table, dict):
+        raise RuleError(f"{where}: 'nodes' must be a table of node specs")
+    for node_name, spec in node_table.items():
         if not isinstance(spec, dict):
             raise RuleError(f"{where}: nodes.{node_name} must be a table")
         bad = set(spec) - NODE_KEYS
         if bad:
-            raise RuleError(f"{where}: nodes.{node_name}: unknown key(s) {sorted(bad)}; accepted: {sorted(NODE_KEYS)}")
+            key = sorted(bad)[0]
+            raise RuleError(
+                f"{where}: nodes.{node_name}: unknown key(s) {sorted(bad)}{did_you_mean(key, NODE_KEYS)}; "
+                f"accepted: {sorted(NODE_KEYS)}"
+            )
         if spec.get("kind") not in KINDS:
             raise RuleError(f"{where}: nodes.{node_name}.kind must be one of {KINDS}, got {spec.get('kind')!r}")
+        for key in ("type", "op", "callee"):
+            values = _tuple(spec.get(key, ()))
+            if not all(isinstance(v, str) and v for v in values):
+                raise RuleError(f"{where}: nodes.{node_name}.{key} must be a string or a list of strings")
+        for type_name in _tuple(spec.get("type", ())):
+            if type_name != "@linear" and "." in type_name:
+                _check_class_name(type_name, f"{where}: nodes.{node_name}.type", allow_imports)
+        ndim = spec.get("ndim")
+        if ndim is not None and (isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 0):
+            raise RuleError(f"{where}: nodes.{node_name}.ndim must be an integer >= 0, got {ndim!r}")
+        attrs = spec.get("attrs") or {}
+        if not isinstance(attrs, dict):
+            raise RuleError(f"{where}: nodes.{node_name}.attrs must be a table, got {attrs!r}")
+        subclasses = spec.get("subclasses", False)
+        if not isinstance(subclasses, bool):
+            raise RuleError(f"{where}: nodes.{node_name}.subclasses must be true or false, got {subclasses!r}")
         nodes[node_name] = NodeSpec(
             kind=spec["kind"],
             type=_tuple(spec.get("type", ())),
             op=_tuple(spec.get("op", ())),
             callee=_tuple(spec.get("callee", ())),
-            ndim=spec.get("ndim"),
-            attrs=tuple(sorted((spec.get("attrs") or {}).items())),
-            subclasses=bool(spec.get("subclasses", False)),
+            ndim=ndim,
+            attrs=tuple(sorted(attrs.items())),
+            subclasses=subclasses,
         )
     edges = []
-    for e in body.get("edges") or []:
-        if not isinstance(e, (list, tuple)) or len(e) not in (2, 3):
+    edge_list = body.get("edges") or []
+    if not isinstance(edge_list, list):
+        raise RuleError(f"{where}: 'edges' must be a list of [src, dst] or [src, dst, {{attrs}}]")
+    for e in edge_list:
+        if (
+            not isinstance(e, (list, tuple))
+            or len(e) not in (2, 3)
+            or not all(isinstance(v, str) for v in e[:2])
+            or (len(e) == 3 and not isinstance(e[2], dict))
+        ):
             raise RuleError(f"{where}: each edge must be [src, dst] or [src, dst, {{attrs}}], got {e!r}")
         attrs = tuple(sorted((e[2] if len(e) == 3 else {}).items()))
         edges.append((e[0], e[1], attrs))
+    anchor = body.get("anchor", "")
+    if not isinstance(anchor, str):
+        raise RuleError(f"{where}: 'anchor' must be a node name, got {anchor!r}")
     try:
-        return Pattern(name=name, nodes=nodes, edges=tuple(edges), anchor=body.get("anchor", ""))
+        return Pattern(name=name, nodes=nodes, edges=tuple(edges), anchor=anchor)
     except RuleError as exc:
-        raise RuleError(f"{src}: {exc}") from None
+        raise RuleError(f"{locate(f'pattern.{name}')}: {exc}") from None
 
 
-def as_ruleset(spec: Any) -> RuleSet:
-    """Anything describing rules -> a RuleSet: a RuleSet, Rule(s), a family name, a TOML path, or a config."""
-    from .config import BitsAndBytesConfig, QuantConfig
+def as_ruleset(spec: Any, *, allow_imports: Sequence[str] = ()) -> RuleSet:
+    """Rules described as a RuleSet, Rule(s), a family name or a TOML path -> a RuleSet.
 
+    (A BitsAndBytesConfig / QuantConfig is turned into rules by ``config_rules.rules_for_config``;
+    ``passes.apply`` accepts both.)"""
     if isinstance(spec, RuleSet):
         return spec
     if isinstance(spec, Rule):
         return RuleSet([spec])
-    if isinstance(spec, (BitsAndBytesConfig, QuantConfig)):
-        from .config_rules import rules_for_config
-
-        return rules_for_config(spec)
     if isinstance(spec, (str, Path)):
         s = str(spec)
         if s in BUILTIN_FAMILIES:
             return RuleSet.builtin(s)
         if s.endswith(".toml") or Path(s).exists():
-            return RuleSet.from_toml(s)
-        raise ValueError(f"rules: {s!r} is neither a built-in family {list(BUILTIN_FAMILIES)} nor a TOML file")
-    if isinstance(spec, Sequence):
+            return RuleSet.from_toml(s, allow_imports=allow_imports)
+        raise RuleError(
+            f"rules: {s!r} is neither a built-in family {list(BUILTIN_FAMILIES)} nor a TOML file"
+            f"{did_you_mean(s, BUILTIN_FAMILIES)}"
+        )
+    if isinstance(spec, Sequence) and not isinstance(spec, (bytes, bytearray)):
         out = RuleSet()
         for item in spec:
-            out = out + as_ruleset(item)
+            out = out + as_ruleset(item, allow_imports=allow_imports)
         return out
     raise TypeError(
         "rules must be a RuleSet, Rule, list of rules, family name, TOML path, BitsAndBytesConfig or QuantConfig; "

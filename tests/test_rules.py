@@ -28,39 +28,39 @@ def test_builtin_families():
         ("[[rule]\nname = 'x'", r"bad.toml: TOML syntax error"),
         (
             "[[rule]]\nname = 'r1'\npattern = 'nope'\nrewrite = { to = 'linear4bit' }",
-            r"bad.toml: rule 'r1': unknown pattern 'nope'; known: \['linear-cell'",
+            r"bad.toml:1: rule 'r1': unknown pattern 'nope'; known: \['linear-cell'",
         ),
         (
             "[[rule]]\nname = 'r2'\npattern = 'linear-cell'\nrewrite = { to = 'linear5bit' }",
-            r"bad.toml: rule 'r2': 'rewrite.to' = 'linear5bit': unknown replacement 'linear5bit'",
+            r"bad.toml:1: rule 'r2': 'rewrite.to' = 'linear5bit': unknown replacement 'linear5bit'",
         ),
         (
             "[[rule]]\nname = 'r3'\npattern = 'linear-cell'\nrewrite = { to = 'linear4bit', bits = 3 }",
-            r"bad.toml: rule 'r3': unknown key 'rewrite.bits' for replacement 'linear4bit'",
+            r"bad.toml:4: rule 'r3': unknown key 'rewrite.bits' for replacement 'linear4bit'",
         ),
         (
             "[[rule]]\nname = 'r4'\npattern = 'linear-cell'\nwhere = { min_in = 3 }\nrewrite = { to = 'linear4bit' }",
-            r"bad.toml: rule 'r4': unknown condition 'where.min_in'",
+            r"bad.toml:4: rule 'r4': unknown condition 'where.min_in'",
         ),
         (
             "[[rule]]\nname = 'r5'\npattern = 'linear-cell'\npriority = 'high'\nrewrite = { to = 'linear4bit' }",
-            r"bad.toml: rule 'r5': 'priority' must be an integer, got 'high'",
+            r"bad.toml:1: rule 'r5': 'priority' must be an integer, got 'high'",
         ),
         (
             "[[rule]]\nname = 'r6'\npattern = 'linear-cell'\ncolour = 1\nrewrite = { to = 'linear4bit' }",
-            r"bad.toml: rule 'r6': unknown key\(s\) \['colour'\]",
+            r"bad.toml:1: rule 'r6': unknown key\(s\) \['colour'\]",
         ),
-        ("[pattern.p]\nnodes.a = { kind = 'cel' }", r"bad.toml: pattern 'p': nodes.a.kind must be one of"),
+        ("[pattern.p]\nnodes.a = { kind = 'cel' }", r"bad.toml:1: pattern 'p': nodes.a.kind must be one of"),
         (
             "[pattern.p]\nnodes.a = { kind = 'cell', shape = 2 }",
-            r"bad.toml: pattern 'p': nodes.a: unknown key\(s\) \['shape'\]",
+            r"bad.toml:1: pattern 'p': nodes.a: unknown key\(s\) \['shape'\]",
         ),
         (
             "[pattern.p]\nnodes.a = { kind = 'cell' }\nedges = [['a', 'b']]",
-            r"bad.toml: pattern 'p': edge names unknown node 'b'",
+            r"bad.toml:1: pattern 'p': edge names unknown node 'b'",
         ),
-        ("[linear.'x.Y']\nweights = 'w'", r"bad.toml: linear.'x.Y': unknown key\(s\) \['weights'\]"),
-        ("[[rule]]\nname = 'r7'\nrewrite = { to = 'linear4bit' }", r"bad.toml: rule 'r7': missing key 'pattern'"),
+        ("[linear.'x.Y']\nweights = 'w'", r"bad.toml:1: linear\.'x.Y': unknown key\(s\) \['weights'\]"),
+        ("[[rule]]\nname = 'r7'\nrewrite = { to = 'linear4bit' }", r"bad.toml:1: rule 'r7': missing key 'pattern'"),
     ],
 )
 def test_malformed_rule_files_name_file_rule_and_key(tmp_path, text, message):

@@ -183,7 +183,9 @@ def quantize_4bit(
     flat, dtype = _as_float32_input(A, "A")
     code = get_4bit_code(quant_type, symmetric)
     order = code_sort_order(quant_type, code)
-    scaled, absmax, block_offset = _scale_blocks(flat, blocksize, symmetric)
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled, absmax, block_offset = _scale_blocks(flat, blocksize, symmetric)
+    _checks.check_block_stats(absmax, block_offset)
     if scaled.size % 2:
         # bitsandbytes pads an odd count with the value 0.0 (not index 0) before packing
         scaled = np.concatenate([scaled, np.zeros(1, np.float32)])

@@ -89,7 +89,11 @@ def quantize_int8(
     axis = 1 if per_channel else None
     lo = np.minimum(W.min(axis=axis, keepdims=True), 0).astype(np.float32)
     hi = np.maximum(W.max(axis=axis, keepdims=True), 0).astype(np.float32)
-    scale = (hi - lo) / np.float32(255.0)
+    with np.errstate(over="ignore"):
+        scale = (hi - lo) / np.float32(255.0)
+    if not np.isfinite(scale).all():  # a range wider than float32's largest value (|W| near 3.4e38)
+        wide = (hi.astype(np.float64) - lo.astype(np.float64)) / 255.0
+        scale = np.where(np.isfinite(scale), scale, wide.astype(np.float32))
     scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
     zero = np.clip(np.rint(np.float32(-128.0) - lo / scale), -128, 127).astype(np.float32)
     q = np.clip(np.rint(W / scale) + zero, -128, 127).astype(np.int8)

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import CheckpointError, CheckpointKeyError
+from ._checks import VALID_BLOCKSIZES
+
 NESTED_BLOCKSIZE = 256
 _BNB_TYPES = ("nf4", "fp4")
 _OWN_TYPES = ("int4",)
@@ -150,56 +153,129 @@ class QuantState:
 
     @classmethod
     def from_state_dict(cls, prefix: str, state_dict: dict) -> QuantState:
-        """Rebuild a QuantState from state-dict entries under ``prefix`` (bitsandbytes' key names)."""
+        """Rebuild a QuantState from state-dict entries under ``prefix`` (bitsandbytes' key names).
+
+        Every tensor is checked as strictly as the kernels need it (dtype, size, finite statistics); a
+        ``CheckpointError`` names the tensor that is wrong, what it holds and what is needed."""
         head = _join(prefix, "quant_state.")
         qs_keys = [k for k in state_dict if k.startswith(head)]
         if len(qs_keys) != 1:
-            raise ValueError(
+            raise CheckpointError(
                 f"expected exactly one '{head}bitsandbytes__<nf4|fp4>' (or msbnb__int4) entry in the state dict, "
                 f"found {qs_keys or 'none'}"
             )
-        ns_type = qs_keys[0][len(head) :]
+        qs_key = qs_keys[0]
+        ns_type = qs_key[len(head) :]
         valid = [f"bitsandbytes__{t}" for t in _BNB_TYPES] + [f"msbnb__{t}" for t in _OWN_TYPES]
         if ns_type not in valid:
-            raise ValueError(f"unknown quant state '{qs_keys[0]}': the suffix must be one of {valid}")
+            raise CheckpointError(f"unknown quant state '{qs_key}': the suffix must be one of {valid}")
         try:
-            meta = json.loads(bytes(to_numpy(state_dict[qs_keys[0]]).astype(np.uint8)).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"'{qs_keys[0]}' does not hold UTF-8 JSON: {exc}") from exc
+            meta = json.loads(bytes(to_numpy(state_dict[qs_key]).astype(np.uint8)).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"'{qs_key}' does not hold UTF-8 JSON: {exc}") from None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"'{qs_key}' must hold a JSON object, got {type(meta).__name__}")
 
         def get(key: str) -> np.ndarray:
             full = _join(prefix, key)
             if full not in state_dict:
-                raise KeyError(f"state dict lacks '{full}' needed by {qs_keys[0]}")
-            return to_numpy(state_dict[full])
+                raise CheckpointKeyError(f"state dict lacks '{full}' needed by {qs_key}")
+            return np.asarray(to_numpy(state_dict[full]))
 
         for key in ("quant_type", "blocksize", "dtype", "shape"):
             if key not in meta:
-                raise ValueError(f"'{qs_keys[0]}' lacks the field '{key}' (has {sorted(meta)})")
+                raise CheckpointError(f"'{qs_key}' lacks the field '{key}' (has {sorted(meta)})")
+        quant_type = meta["quant_type"]
+        if quant_type != ns_type.partition("__")[2]:
+            raise CheckpointError(f"'{qs_key}': quant_type {quant_type!r} does not match the key's {ns_type!r}")
+        blocksize = meta["blocksize"]
+        if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in VALID_BLOCKSIZES:
+            raise CheckpointError(f"'{qs_key}': blocksize must be one of {VALID_BLOCKSIZES}, got {blocksize!r}")
+        shape = meta["shape"]
+        if (
+            not isinstance(shape, list)
+            or not shape
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+        ):
+            raise CheckpointError(f"'{qs_key}': shape must be a list of positive integers, got {shape!r}")
+        if not isinstance(meta["dtype"], str):
+            raise CheckpointError(f"'{qs_key}': dtype must be a string, got {meta['dtype']!r}")
+        numel = int(np.prod(shape, dtype=np.int64))
+        n_blocks = -(-numel // blocksize)
+        where = f"(shape {shape}, blocksize {blocksize}: {n_blocks} blocks)"
         state2, offset = None, None
+        absmax = get("absmax")
         if "nested_blocksize" in meta:
+            nbs = meta["nested_blocksize"]
+            if isinstance(nbs, bool) or not isinstance(nbs, int) or nbs < 1:
+                raise CheckpointError(f"'{qs_key}': nested_blocksize must be a positive integer, got {nbs!r}")
+            off = meta.get("nested_offset")
+            if isinstance(off, bool) or not isinstance(off, (int, float)) or not np.isfinite(off):
+                raise CheckpointError(f"'{qs_key}': nested_offset must be a finite number, got {off!r}")
+            _expect(_join(prefix, "absmax"), absmax, np.uint8, n_blocks, f"8-bit codes, one per block {where}")
+            nested_absmax = get("nested_absmax")
+            _expect(
+                _join(prefix, "nested_absmax"),
+                nested_absmax,
+                "float",
+                -(-n_blocks // nbs),
+                f"one per {nbs} blocks",
+                nonnegative=True,
+            )
+            nested_map = get("nested_quant_map")
+            _expect(_join(prefix, "nested_quant_map"), nested_map, "float", 256, "the 8-bit dynamic map")
             state2 = cls(
                 quant_type="dynamic",
-                blocksize=int(meta["nested_blocksize"]),
+                blocksize=nbs,
                 dtype=meta.get("nested_dtype", "float32"),
-                shape=(int(get("absmax").size),),
-                absmax=get("nested_absmax").astype(np.float32),
-                code=get("nested_quant_map").astype(np.float32),
+                shape=(int(absmax.size),),
+                absmax=nested_absmax.astype(np.float32).reshape(-1),
+                code=nested_map.astype(np.float32).reshape(-1),
             )
-            offset = np.float32(meta["nested_offset"])
+            offset = np.float32(off)
+        else:
+            _expect(_join(prefix, "absmax"), absmax, "float", n_blocks, f"one per block {where}", nonnegative=True)
+        code = get("quant_map")
+        _expect(_join(prefix, "quant_map"), code, "float", 16, "the 4-bit code table")
         block_offset_key = _join(prefix, "block_offset")
-        block_offset = (
-            to_numpy(state_dict[block_offset_key]).astype(np.float32) if block_offset_key in state_dict else None
-        )
-        absmax = get("absmax")
+        block_offset = None
+        if block_offset_key in state_dict:
+            block_offset = np.asarray(to_numpy(state_dict[block_offset_key]))
+            _expect(block_offset_key, block_offset, "float", n_blocks, f"one per block {where}")
+            block_offset = block_offset.astype(np.float32).reshape(-1)
         return cls(
-            quant_type=meta["quant_type"],
-            blocksize=int(meta["blocksize"]),
+            quant_type=quant_type,
+            blocksize=blocksize,
             dtype=meta["dtype"],
-            shape=tuple(int(d) for d in meta["shape"]),
-            absmax=absmax if state2 is not None else absmax.astype(np.float32),
-            code=get("quant_map").astype(np.float32),
+            shape=tuple(int(d) for d in shape),
+            absmax=absmax.reshape(-1) if state2 is not None else absmax.astype(np.float32).reshape(-1),
+            code=code.astype(np.float32).reshape(-1),
             state2=state2,
             offset=offset,
             block_offset=block_offset,
         )
+
+
+def _expect(key: str, arr: np.ndarray, dtype, size: int, what: str, nonnegative: bool = False) -> None:
+    """Refuse a state-dict tensor of the wrong dtype or size, or with non-finite (or negative) values."""
+    if dtype == "float":
+        ok = arr.dtype.kind == "f"
+        wanted = "a float"
+    else:
+        ok = arr.dtype == dtype
+        wanted = f"a {np.dtype(dtype).name}"
+    if not ok or arr.size != size:
+        raise CheckpointError(
+            f"'{key}' must be {wanted} tensor with {size} entries ({what}), got {arr.dtype} of shape {list(arr.shape)}"
+        )
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr.reshape(-1))
+        if nonnegative:
+            bad |= arr.reshape(-1) < 0
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            need = "finite and >= 0" if nonnegative else "finite"
+            raise CheckpointError(
+                f"'{key}' holds {int(bad.sum())} invalid value(s), first at index {i}: {arr.reshape(-1)[i]!r}; "
+                f"it must be {need}"
+            )

@@ -12,7 +12,9 @@ construction. Nothing here runs numpy inside ``construct``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import cache
+from types import MappingProxyType
 
 import mindspore as ms
 import numpy as np
@@ -27,23 +29,30 @@ _zeros_like = ops.ZerosLike()
 
 
 # ---- registry --------------------------------------------------------------------------------------------
-_KERNELS: dict[str, dict[str, type[nn.Cell]]] = {}
+# The built-in table is a literal at the end of this module (nothing registers itself at import time). Users
+# add implementations with an explicit register_kernel call; those live in their own table and win.
+_USER_KERNELS: dict[str, dict[str, type[nn.Cell]]] = {}
 
 
 def register_kernel(op: str, backend: str):
-    """Class decorator: register an op Cell as the implementation of ``op`` on ``backend``."""
+    """Class decorator: use an op Cell as the implementation of ``op`` on ``backend`` (explicit call)."""
+    if not isinstance(op, str) or not op or not isinstance(backend, str) or not backend:
+        raise ValueError(f"register_kernel needs an op name and a backend name, got {op!r}, {backend!r}")
 
     def wrap(cls: type[nn.Cell]) -> type[nn.Cell]:
-        _KERNELS.setdefault(op, {})[backend] = cls
+        if not (isinstance(cls, type) and issubclass(cls, nn.Cell)):
+            raise TypeError(f"register_kernel({op!r}, {backend!r}) needs an nn.Cell subclass, got {cls!r}")
+        _USER_KERNELS.setdefault(op, {})[backend] = cls
         return cls
 
     return wrap
 
 
 def kernel_class(op: str, backend: str) -> type[nn.Cell]:
-    impls = _KERNELS.get(op)
-    if impls is None:
-        raise KeyError(f"unknown kernel op {op!r}; known: {sorted(_KERNELS)}")
+    impls = {**KERNELS.get(op, {}), **_USER_KERNELS.get(op, {})}
+    if not impls:
+        known = sorted({*KERNELS, *_USER_KERNELS})
+        raise KeyError(f"unknown kernel op {op!r}; known: {known}")
     if backend not in impls:
         raise KeyError(f"op {op!r} has no {backend!r} implementation; available: {sorted(impls)}")
     return impls[backend]
@@ -221,7 +230,6 @@ class _Linear4bitBase(nn.Cell):
         self.meta = Tensor(np.array([self.in_features, self.blocksize, self.nested_blocksize, flags], np.int64))
 
 
-@register_kernel("linear4bit", "cpu")
 class FusedLinear4bit(_Linear4bitBase):
     """The fused dequantize-matmul C++ kernel (codes decoded in registers, no dequantized copy)."""
 
@@ -235,7 +243,6 @@ class FusedLinear4bit(_Linear4bitBase):
         )
 
 
-@register_kernel("linear4bit", "reference")
 class ReferenceLinear4bit(_Linear4bitBase):
     """Dequantize with MindSpore ops, then MatMul."""
 
@@ -277,7 +284,6 @@ class _Linear8bitBase(nn.Cell):
         self.meta = Tensor(np.array([(1 if asymmetric else 0) | (2 if has_bias else 0)], np.int64))
 
 
-@register_kernel("linear8bit", "cpu")
 class FusedLinear8bit(_Linear8bitBase):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -287,7 +293,6 @@ class FusedLinear8bit(_Linear8bitBase):
         return self.op(x, q, scale, offset, bias, self.meta)
 
 
-@register_kernel("linear8bit", "reference")
 class ReferenceLinear8bit(_Linear8bitBase):
     def construct(self, x, q, scale, offset, bias):
         w = ops.cast(q, ms.float32)
@@ -310,7 +315,6 @@ class _LlmInt8Base(nn.Cell):
         self.meta = Tensor(np.array([self.threshold, 1.0 if has_bias else 0.0], np.float32))
 
 
-@register_kernel("llm_int8", "cpu")
 class FusedLlmInt8(_LlmInt8Base):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -320,7 +324,6 @@ class FusedLlmInt8(_LlmInt8Base):
         return self.op(x, cb, scb, bias, self.meta)
 
 
-@register_kernel("llm_int8", "reference")
 class ReferenceLlmInt8(_LlmInt8Base):
     """The decomposition with MindSpore ops; the int8 products are summed exactly in float64. Its bprop
     is bitsandbytes' (dx = dy @ dequant(CB)): autodiff through the rounding would give zero."""
@@ -355,3 +358,13 @@ class ReferenceLlmInt8(_LlmInt8Base):
         w = ops.cast(cb, ms.float32) * scb.reshape((-1, 1)) * 7.874015718698502e-3
         dx = ops.cast(ops.matmul(ops.cast(dout, ms.float32), w), x.dtype)
         return dx, _zeros_like(cb), _zeros_like(scb), ops.cast(_sum_rows(dout), bias.dtype)
+
+
+# ---- the built-in implementations: op -> backend -> op Cell (immutable) -------------------------------------------
+KERNELS: Mapping[str, Mapping[str, type[nn.Cell]]] = MappingProxyType(
+    {
+        "linear4bit": MappingProxyType({"cpu": FusedLinear4bit, "reference": ReferenceLinear4bit}),
+        "linear8bit": MappingProxyType({"cpu": FusedLinear8bit, "reference": ReferenceLinear8bit}),
+        "llm_int8": MappingProxyType({"cpu": FusedLlmInt8, "reference": ReferenceLlmInt8}),
+    }
+)

@@ -27,6 +27,8 @@ def quantize_4bit(
         raise ValueError(f"symmetric=False is only defined for quant_type='int4', got quant_type={quant_type!r}")
     blocksize = _checks.check_blocksize(blocksize)
     arr = _checks.float_array(A, "A", finite=False)  # the kernel counts NaN/Inf while it reads
+    if arr.dtype == np.float64:  # values beyond float32 would turn into Inf in the cast below
+        _checks.check_finite(arr, "A")
     dtype = "float16" if arr.dtype == np.float16 else "float32"
     code = get_4bit_code(quant_type, symmetric)
     order = code_sort_order(quant_type, code).astype(np.uint8)
@@ -44,6 +46,7 @@ def quantize_4bit(
         code=code,
         block_offset=block_offset,
     )
+    _checks.check_block_stats(absmax, block_offset)
     return packed, (compress_absmax(state) if compress_statistics else state)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeUniform, Uniform, initializer
 
+from ..errors import CheckpointError, MsbnbError, QuantizationError
 from ..formats.quant_state import to_numpy
 
 FLOAT_INPUTS = (ms.float32, ms.float16)
@@ -53,17 +54,30 @@ def default_init(out_features: int, in_features: int, has_bias: bool) -> tuple[n
     return w.astype(np.float32), b
 
 
-def check_finite_stats(owner: str, **arrays: np.ndarray | None) -> None:
-    """Statistics with NaN/Inf would silently poison every output: refuse them, naming the layer."""
+def check_finite_stats(owner: str, error: type[MsbnbError] = QuantizationError, **arrays: np.ndarray | None) -> None:
+    """Statistics with NaN/Inf would silently poison every output: refuse them, naming the layer, the
+    tensor, the first bad index and its value."""
     for name, arr in arrays.items():
         if arr is None or arr.dtype.kind != "f":
             continue
         bad = ~np.isfinite(arr)
         if bad.any():
-            raise ValueError(
+            first = int(np.flatnonzero(bad.reshape(-1))[0])
+            raise error(
                 f"{owner}: {name} holds {int(bad.sum())} non-finite value(s) (first at index "
-                f"{int(np.flatnonzero(bad.reshape(-1))[0])}); the quantization statistics must be finite"
+                f"{first}): {arr.reshape(-1)[first]!r}; the quantization statistics must be finite"
             )
+
+
+def _checked_bias(key: str, value: Any, out_features: int) -> np.ndarray:
+    """A state dict's bias as float32 [out], or a CheckpointError naming the tensor."""
+    b = np.asarray(to_numpy(value))
+    if b.dtype.kind != "f" or b.shape != (out_features,):
+        raise CheckpointError(
+            f"'{key}' must be a float tensor of shape [{out_features}], got {b.dtype} of shape {list(b.shape)}"
+        )
+    check_finite_stats(key.rpartition(".")[0] or "<root>", CheckpointError, **{key.rpartition(".")[2]: b})
+    return b.astype(np.float32)
 
 
 class QuantLinear(nn.Cell):

@@ -10,12 +10,13 @@ from mindspore import Tensor, nn
 
 from .. import formats
 from ..config import dtype_to_str
+from ..errors import CheckpointError, CheckpointKeyError, QuantizationError
 from ..formats import _checks
 from ..formats.codebooks import QUANT_TYPES_4BIT
 from ..formats.quant_state import QuantState, to_numpy
 from ..kernels import kernel_class
 from ..kernels import quantize as fast
-from ._base import QuantLinear, check_finite_stats, default_init
+from ._base import QuantLinear, _checked_bias, check_finite_stats, default_init
 
 COMPUTE_DTYPES = {"float32": ms.float32, "float16": ms.float16}
 
@@ -89,9 +90,12 @@ class Linear4bit(QuantLinear):
                 raise ValueError(
                     f"{owner}: weight must have shape {(self.out_features, self.in_features)}, got {w.shape}"
                 )
-            packed, quant_state = fast.quantize_4bit(
-                w, self.blocksize, quant_type, self.compress_statistics, symmetric=self.symmetric
-            )
+            try:
+                packed, quant_state = fast.quantize_4bit(
+                    w, self.blocksize, quant_type, self.compress_statistics, symmetric=self.symmetric
+                )
+            except QuantizationError as exc:
+                raise QuantizationError(f"{owner}: weight: {str(exc).removeprefix('A: ')}") from None
         self._load_quantized(np.asarray(packed), quant_state)
         if self.has_bias:
             b = np.zeros(self.out_features, np.float32) if bias_value is None else np.asarray(bias_value, np.float32)
@@ -195,9 +199,25 @@ class Linear4bit(QuantLinear):
     def from_bnb_state_dict(cls, state_dict: dict, prefix: str = "", **kwargs: Any) -> Linear4bit:
         """Build from bitsandbytes' state-dict entries (``<prefix>weight``, ``<prefix>weight.absmax``, ...)."""
         qs = QuantState.from_state_dict(f"{prefix}weight", state_dict)
-        packed = np.asarray(to_numpy(state_dict[f"{prefix}weight"])).view(np.uint8)
+        key = f"{prefix}weight"
+        if key not in state_dict:
+            raise CheckpointKeyError(f"state dict lacks '{key}' (the packed 4-bit weight) needed by Linear4bit")
+        if len(qs.shape) != 2:
+            raise CheckpointError(
+                f"'{key}': a Linear4bit weight must be 2-D [out, in], the quant state says {qs.shape}"
+            )
+        raw = np.ascontiguousarray(to_numpy(state_dict[key]))
+        n = qs.numel
+        if raw.nbytes != (n + 1) // 2:
+            raise CheckpointError(
+                f"'{key}' must hold {(n + 1) // 2} bytes of packed 4-bit codes for shape {list(qs.shape)}, "
+                f"got {raw.dtype} of shape {list(raw.shape)} ({raw.nbytes} bytes)"
+            )
+        packed = raw.reshape(-1).view(np.uint8)
         bias = state_dict.get(f"{prefix}bias")
         out_features, in_features = qs.shape
+        if bias is not None:
+            bias = _checked_bias(f"{prefix}bias", bias, out_features)
         return cls(
             in_features,
             out_features,
@@ -207,7 +227,7 @@ class Linear4bit(QuantLinear):
             qs.nested,
             quant_state=qs,
             packed=packed,
-            bias_value=None if bias is None else to_numpy(bias),
+            bias_value=bias,
             symmetric=qs.symmetric,
             **kwargs,
         )

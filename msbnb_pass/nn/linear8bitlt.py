@@ -9,11 +9,12 @@ import numpy as np
 from mindspore import nn, ops
 
 from .. import formats
+from ..errors import CheckpointError, CheckpointKeyError
 from ..formats import _checks
 from ..formats.quant_state import to_numpy
 from ..kernels import kernel_class
 from ..kernels import quantize as fast
-from ._base import QuantLinear, check_finite_stats, default_init
+from ._base import QuantLinear, _checked_bias, check_finite_stats, default_init
 
 
 class _Int8FromFloatWeight(nn.Cell):
@@ -141,12 +142,38 @@ class Linear8bitLt(QuantLinear):
         """Build from bitsandbytes' keys: ``<prefix>weight`` (int8), ``<prefix>SCB`` and ``<prefix>bias``."""
         for key in (f"{prefix}weight", f"{prefix}SCB"):
             if key not in state_dict:
-                raise KeyError(f"state dict lacks '{key}' needed by Linear8bitLt")
-        cb = to_numpy(state_dict[f"{prefix}weight"])
+                raise CheckpointKeyError(f"state dict lacks '{key}' needed by Linear8bitLt")
+        key = f"{prefix}weight"
+        cb = np.asarray(to_numpy(state_dict[key]))
+        if cb.dtype != np.int8 or cb.ndim != 2 or 0 in cb.shape:
+            raise CheckpointError(
+                f"'{key}' must be a 2-D int8 tensor [out, in] (LLM.int8() CB), got {cb.dtype} of shape {list(cb.shape)}"
+            )
+        key = f"{prefix}SCB"
+        scb = np.asarray(to_numpy(state_dict[key]))
+        if scb.dtype.kind != "f" or scb.size != cb.shape[0] or scb.ndim != 1:
+            raise CheckpointError(
+                f"'{key}' must be a float tensor of shape [{cb.shape[0]}] (one absmax per row of the weight), got "
+                f"{scb.dtype} of shape {list(scb.shape)}"
+            )
+        bad = ~np.isfinite(scb) | (scb < 0)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise CheckpointError(
+                f"'{key}' holds an invalid row absmax at index {i}: {scb[i]!r}; it must be finite and >= 0"
+            )
+        key = f"{prefix}weight_format"
+        if key in state_dict:
+            fmt = np.asarray(to_numpy(state_dict[key]))
+            if fmt.size != 1 or int(fmt.reshape(-1)[0]) != 0:
+                raise CheckpointError(
+                    f"'{key}' = {fmt.reshape(-1).tolist()}: only format 0 (row-major int8, what bitsandbytes saves) "
+                    "can be loaded"
+                )
         bias = state_dict.get(f"{prefix}bias")
-        return cls(
-            cb.shape[1], cb.shape[0], bias is not None, CB=cb, SCB=state_dict[f"{prefix}SCB"], bias_value=bias, **kwargs
-        )
+        if bias is not None:
+            bias = _checked_bias(f"{prefix}bias", bias, cb.shape[0])
+        return cls(cb.shape[1], cb.shape[0], bias is not None, CB=cb, SCB=scb, bias_value=bias, **kwargs)
 
     def dequantized_weight(self) -> np.ndarray:
         if self.has_fp16_weights:
