@@ -90,14 +90,23 @@ def check_output_dir(path: str | os.PathLike, what: str = "output directory") ->
     return p
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None], what: str = "output") -> Path:
     """``write(tmp_path)`` into a temporary file beside ``path``, then move it into place. The target is
     checked (regular file or absent) before and again right before the move."""
     target = check_output_file(path, what)
-    fd, tmp = tempfile.mkstemp(prefix=".msbnb-", suffix=".tmp", dir=str(target.parent) or ".")
+    # keep the target's suffix: writers such as mindspore.save_checkpoint append ".ckpt" to a path without it
+    fd, tmp = tempfile.mkstemp(prefix=".msbnb-", suffix=".tmp" + target.suffix, dir=str(target.parent) or ".")
     os.close(fd)
     try:
         write(tmp)
+        if os.stat(tmp).st_mode & 0o777 == 0o600:  # mkstemp's private mode: give the file the usual one
+            os.chmod(tmp, 0o666 & ~_umask())
         check_output_file(target, what)
         os.replace(tmp, target)
     except BaseException:
