@@ -1,0 +1,305 @@
+"""safetensors files: a validating, memory-mapped reader and an atomic writer.
+
+The reader checks the header itself (every tensor's byte range inside the file, consistent with its
+dtype and shape, ranges neither overlapping nor leaving gaps) so that a truncated or tampered file is
+refused with the tensor named, then lets the ``safetensors`` package's own ``safe_open`` vet the file.
+Tensor data is read through a read-only ``numpy.memmap``: nothing is loaded until a tensor is asked for.
+``BF16`` (which numpy cannot represent) is read as raw 16-bit words and widened exactly to float32.
+
+The writer writes the same layout (an 8-byte little-endian header length, the JSON header padded with
+spaces to a multiple of 8, the raw little-endian bytes) to a temporary file beside the target, fsyncs it
+and ``os.replace``-s it over the target, so a crash never leaves a truncated file in place of a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+# safetensors dtype name -> numpy dtype of the stored bytes (BF16 is read as uint16 words)
+_DTYPES = {
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype(np.uint8),
+    "I8": np.dtype(np.int8),
+    "U16": np.dtype("<u2"),
+    "I16": np.dtype("<i2"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "U32": np.dtype("<u4"),
+    "I32": np.dtype("<i4"),
+    "F32": np.dtype("<f4"),
+    "U64": np.dtype("<u8"),
+    "I64": np.dtype("<i8"),
+    "F64": np.dtype("<f8"),
+}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_NUMPY_TO_ST = {
+    np.dtype(np.bool_): "BOOL",
+    np.dtype(np.uint8): "U8",
+    np.dtype(np.int8): "I8",
+    np.dtype(np.uint16): "U16",
+    np.dtype(np.int16): "I16",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.uint32): "U32",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.float32): "F32",
+    np.dtype(np.uint64): "U64",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.float64): "F64",
+}
+_MAX_HEADER = 100_000_000
+
+
+def bf16_to_float32(words: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32, exactly."""
+    return (np.asarray(words, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even (exact for bf16 values)."""
+    u = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        rounded[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
+    return rounded
+
+
+def numpy_to_dtype_name(arr: np.ndarray) -> str:
+    try:
+        return _NUMPY_TO_ST[np.dtype(arr.dtype)]
+    except KeyError:
+        raise CheckpointError(
+            f"numpy dtype {arr.dtype} has no safetensors equivalent (accepted: {sorted(map(str, _NUMPY_TO_ST))})"
+        ) from None
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file, validated on open and memory-mapped.
+
+    ``keys()``, ``dtype(name)`` (safetensors' name: 'F32', 'BF16', ...), ``shape(name)``, ``metadata``,
+    ``raw(name)`` (the stored values, BF16 as uint16 words; a read-only view of the mapping) and
+    ``get(name)`` (float tensors as float32, others as stored; a copy).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._header, self._data_start = _read_header(self.path)
+        self.metadata: dict[str, str] = self._header.pop("__metadata__", None) or {}
+        _validate_entries(self.path, self._header, os.path.getsize(self.path) - self._data_start)
+        _vet_with_safetensors(self.path)
+        self._map: np.memmap | None = None
+
+    def _mapping(self) -> np.ndarray:
+        if self._map is None:
+            size = os.path.getsize(self.path) - self._data_start
+            if size == 0:
+                return np.zeros(0, np.uint8)
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start, shape=(size,))
+        return self._map
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._header
+
+    def dtype(self, name: str) -> str:
+        return self._entry(name)["dtype"]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entry(name)["shape"])
+
+    def _entry(self, name: str) -> dict[str, Any]:
+        try:
+            return self._header[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor '{name}'") from None
+
+    def raw(self, name: str) -> np.ndarray:
+        e = self._entry(name)
+        begin, end = e["data_offsets"]
+        buf = self._mapping()[begin:end]
+        return buf.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
+
+    def raw_bytes(self, name: str) -> bytes:
+        begin, end = self._entry(name)["data_offsets"]
+        return bytes(self._mapping()[begin:end])
+
+    def get(self, name: str) -> np.ndarray:
+        dtype = self.dtype(name)
+        raw = self.raw(name)
+        if dtype == "BF16":
+            return bf16_to_float32(raw)
+        if dtype in FLOAT_DTYPES:
+            return raw.astype(np.float32)
+        return np.array(raw)
+
+    def close(self) -> None:
+        self._map = None
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated: {size} bytes, not even the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: the header claims {n} bytes but the file has {size - 8} after the length (truncated or "
+                    f"not a safetensors file)"
+                )
+            text = f.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc}") from exc
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: the header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the header must be a JSON object, got {type(header).__name__}")
+    return header, 8 + n
+
+
+def _validate_entries(path: Path, header: dict[str, Any], data_size: int) -> None:
+    spans = []
+    for name, e in header.items():
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+            raise CheckpointError(f"{path}: tensor '{name}': header entry must hold dtype, shape and data_offsets")
+        if e["dtype"] not in _DTYPES:
+            raise CheckpointError(
+                f"{path}: tensor '{name}': dtype {e['dtype']!r} is not supported (accepted: {sorted(_DTYPES)})"
+            )
+        shape, offsets = e["shape"], e["data_offsets"]
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise CheckpointError(f"{path}: tensor '{name}': shape must be a list of non-negative ints, got {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise CheckpointError(f"{path}: tensor '{name}': data_offsets must be [begin, end], got {offsets!r}")
+        begin, end = offsets
+        want = int(np.prod(shape, dtype=np.int64)) * _DTYPES[e["dtype"]].itemsize
+        if end - begin != want or begin < 0:
+            raise CheckpointError(
+                f"{path}: tensor '{name}': {e['dtype']} {shape} needs {want} bytes, data_offsets {offsets} give "
+                f"{end - begin} (tampered header)"
+            )
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: tensor '{name}' ends at byte {end} of the data but the file holds only {data_size} "
+                f"(truncated file)"
+            )
+        spans.append((begin, end, name))
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            kind = "overlaps the previous tensor" if begin < pos else f"leaves a gap of {begin - pos} bytes"
+            raise CheckpointError(f"{path}: tensor '{name}' {kind} (data_offsets start at {begin}, expected {pos})")
+        pos = end
+    if pos != data_size:
+        raise CheckpointError(f"{path}: {data_size - pos} bytes after the last tensor are not described by the header")
+
+
+def _vet_with_safetensors(path: Path) -> None:
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:  # the package is a dependency; without it only our own checks run
+        return
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path}: safetensors refuses the file: {exc}") from exc
+
+
+def _check_target(path: Path) -> None:
+    if os.path.lexists(path) and (path.is_symlink() or not path.is_file()):
+        raise CheckpointError(f"refusing to replace {path}: it exists and is not a regular file")
+
+
+def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) -> None:
+    """Write ``chunks`` to ``path`` through a temporary file in the same directory + fsync + ``os.replace``.
+
+    A non-regular target (symlink, directory, device) is refused; on any error the target is untouched and
+    the temporary file removed."""
+    path = Path(path)
+    _check_target(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _encode(name: str, arr: np.ndarray, dtype: str) -> np.ndarray:
+    """``arr`` as the stored little-endian values of safetensors dtype ``dtype``."""
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"tensor '{name}': dtype {dtype!r} is not supported (accepted: {sorted(_DTYPES)})")
+    arr = np.asarray(arr)
+    if dtype == "BF16":
+        if arr.dtype == np.uint16:  # already bf16 words
+            return np.ascontiguousarray(arr)
+        return float32_to_bf16(arr.astype(np.float32, copy=False))
+    if dtype in FLOAT_DTYPES and arr.dtype.kind != "f":
+        raise CheckpointError(f"tensor '{name}': cannot store {arr.dtype} values as {dtype}")
+    if dtype not in FLOAT_DTYPES and arr.dtype != _DTYPES[dtype] and arr.dtype.kind == "f":
+        raise CheckpointError(f"tensor '{name}': cannot store float values as {dtype}")
+    return np.ascontiguousarray(arr, dtype=_DTYPES[dtype])
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: dict[str, np.ndarray],
+    dtypes: dict[str, str] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write ``tensors`` (name -> array) atomically. ``dtypes`` names a safetensors dtype per tensor
+    (default: the array's own; float32 arrays are converted, e.g. to 'BF16' or 'F16')."""
+    dtypes = dtypes or {}
+    encoded: dict[str, tuple[str, np.ndarray]] = {}
+    for name in sorted(tensors):
+        arr = np.asarray(tensors[name])
+        dtype = dtypes.get(name) or numpy_to_dtype_name(arr)
+        encoded[name] = (dtype, _encode(name, arr, dtype))
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    pos = 0
+    for name, (dtype, arr) in encoded.items():
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [pos, pos + arr.nbytes]}
+        pos += arr.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+
+    def chunks() -> Iterator[bytes | memoryview]:
+        yield struct.pack("<Q", len(text))
+        yield text
+        for _, arr in encoded.values():
+            if arr.nbytes:
+                yield memoryview(arr.reshape(-1)).cast("B")
+
+    atomic_write(path, chunks())
+    logger.debug("wrote %d tensors (%d bytes) to %s", len(encoded), pos, path)
