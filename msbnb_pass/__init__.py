@@ -52,9 +52,29 @@ _EXPORTS = {
     "quantize_model_weights": "converter",
     "get_model_size": "converter",
     "compare_model_sizes": "converter",
+    # checkpoints on disk (transformers + bitsandbytes safetensors, GGUF)
+    "from_pretrained": "pretrained",
+    "save_pretrained": "pretrained",
+    "dequantize_model": "pretrained",
+    "tokenizer_from_pretrained": "pretrained",
+    "CheckpointError": "io",
 }
 
-_SUBMODULES = ("formats", "kernels", "nn", "functional", "config", "graph", "rules", "match", "rewrite", "passes")
+_SUBMODULES = (
+    "formats",
+    "kernels",
+    "nn",
+    "functional",
+    "config",
+    "graph",
+    "rules",
+    "match",
+    "rewrite",
+    "passes",
+    "models",
+    "io",
+    "pretrained",
+)
 
 __all__ = ["__version__", "dump", "verify", *_SUBMODULES, *sorted(_EXPORTS)]
 

@@ -69,7 +69,7 @@ def bf16_to_float32(words: np.ndarray) -> np.ndarray:
 
 def float32_to_bf16(values: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even (exact for bf16 values)."""
-    u = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    u = np.asarray(values, dtype=np.float32, order="C").view(np.uint32)
     rounded = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
     nan = np.isnan(values)
     if nan.any():
@@ -261,13 +261,13 @@ def _encode(name: str, arr: np.ndarray, dtype: str) -> np.ndarray:
     arr = np.asarray(arr)
     if dtype == "BF16":
         if arr.dtype == np.uint16:  # already bf16 words
-            return np.ascontiguousarray(arr)
+            return np.asarray(arr, order="C")
         return float32_to_bf16(arr.astype(np.float32, copy=False))
     if dtype in FLOAT_DTYPES and arr.dtype.kind != "f":
         raise CheckpointError(f"tensor '{name}': cannot store {arr.dtype} values as {dtype}")
     if dtype not in FLOAT_DTYPES and arr.dtype != _DTYPES[dtype] and arr.dtype.kind == "f":
         raise CheckpointError(f"tensor '{name}': cannot store float values as {dtype}")
-    return np.ascontiguousarray(arr, dtype=_DTYPES[dtype])
+    return np.asarray(arr, dtype=_DTYPES[dtype], order="C")
 
 
 def write_safetensors(

@@ -26,8 +26,9 @@ def _ln(x, w, b, eps):
     return (x - mu) / np.sqrt(var + eps) * w + b
 
 
-def llama_forward(sd: dict[str, np.ndarray], cfg: dict, input_ids: np.ndarray) -> np.ndarray:
-    """Logits [B, T, V] in float64."""
+def llama_forward(sd: dict[str, np.ndarray], cfg: dict, input_ids: np.ndarray, linear=None) -> np.ndarray:
+    """Logits [B, T, V] in float64. ``linear(name, x) -> y`` replaces the float projection of a decoder layer's
+    linear ``name`` (e.g. an LLM.int8() reference), when given and it returns non-None."""
     g = {k: np.asarray(v, np.float64) for k, v in sd.items()}
     nh, nkv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     hd = cfg.get("head_dim") or cfg["hidden_size"] // nh
@@ -48,6 +49,10 @@ def llama_forward(sd: dict[str, np.ndarray], cfg: dict, input_ids: np.ndarray) -
         h = _rms(x, g[p + "input_layernorm.weight"], eps)
 
         def proj(name, inp, p=p):
+            if linear is not None:
+                out = linear(p + name, inp)
+                if out is not None:
+                    return np.asarray(out, np.float64)
             y = inp @ g[p + name + ".weight"].T
             return y + g[p + name + ".bias"] if p + name + ".bias" in g else y
 
