@@ -104,6 +104,12 @@ class _StoreSource(WeightSource):
         self._mark([name])
         return np.ascontiguousarray(value, dtype=np.float32)
 
+    def table(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        value = self.array(name, shape, "normal")
+        if self.store.dtype(name) == "F16":
+            return value.astype(np.float16)  # exact: the stored values are float16
+        return value
+
     def dense(self, name: str, in_features: int, out_features: int, has_bias: bool) -> nn.Cell:
         st = self.store
         prefix = f"{name}."

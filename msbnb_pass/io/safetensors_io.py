@@ -3,7 +3,11 @@
 The reader checks the header itself (every tensor's byte range inside the file, consistent with its
 dtype and shape, ranges neither overlapping nor leaving gaps) so that a truncated or tampered file is
 refused with the tensor named, then lets the ``safetensors`` package's own ``safe_open`` vet the file.
-Tensor data is read through a read-only ``numpy.memmap``: nothing is loaded until a tensor is asked for.
+Nothing is loaded before a tensor is asked for. ``raw(name)`` is a read-only ``numpy.memmap`` of that
+tensor's bytes alone (unmapped when the caller drops it); ``get(name)``, what the loaders use, reads the
+bytes straight into the array it returns (float16/bfloat16 widened chunk by chunk), so a loader that turns
+each tensor into a parameter never holds file pages and parameters at once: a mapping of the whole file
+kept alive would add every touched page to the resident set.
 ``BF16`` (which numpy cannot represent) is read as raw 16-bit words and widened exactly to float32.
 
 The writer writes the same layout (an 8-byte little-endian header length, the JSON header padded with
@@ -60,6 +64,7 @@ _NUMPY_TO_ST = {
     np.dtype(np.float64): "F64",
 }
 _MAX_HEADER = 100_000_000
+_CHUNK = 1 << 22  # elements converted per read when widening float16/bfloat16
 
 
 def bf16_to_float32(words: np.ndarray) -> np.ndarray:
@@ -100,15 +105,11 @@ class SafetensorsFile:
         self.metadata: dict[str, str] = self._header.pop("__metadata__", None) or {}
         _validate_entries(self.path, self._header, os.path.getsize(self.path) - self._data_start)
         _vet_with_safetensors(self.path)
-        self._map: np.memmap | None = None
 
-    def _mapping(self) -> np.ndarray:
-        if self._map is None:
-            size = os.path.getsize(self.path) - self._data_start
-            if size == 0:
-                return np.zeros(0, np.uint8)
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start, shape=(size,))
-        return self._map
+    def _bytes(self, begin: int, end: int) -> np.ndarray:
+        if end == begin:
+            return np.zeros(0, np.uint8)
+        return np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start + begin, shape=(end - begin,))
 
     def keys(self) -> list[str]:
         return list(self._header)
@@ -131,24 +132,40 @@ class SafetensorsFile:
     def raw(self, name: str) -> np.ndarray:
         e = self._entry(name)
         begin, end = e["data_offsets"]
-        buf = self._mapping()[begin:end]
-        return buf.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
+        return self._bytes(begin, end).view(_DTYPES[e["dtype"]]).reshape(e["shape"])
 
     def raw_bytes(self, name: str) -> bytes:
         begin, end = self._entry(name)["data_offsets"]
-        return bytes(self._mapping()[begin:end])
+        return bytes(self._bytes(begin, end))
 
     def get(self, name: str) -> np.ndarray:
-        dtype = self.dtype(name)
-        raw = self.raw(name)
-        if dtype == "BF16":
-            return bf16_to_float32(raw)
-        if dtype in FLOAT_DTYPES:
-            return raw.astype(np.float32)
-        return np.array(raw)
+        """Tensor ``name`` as a new array: float dtypes widened to float32, others as stored.
 
-    def close(self) -> None:
-        self._map = None
+        Read with ``readinto`` in chunks straight into the result (no mapping of the file stays behind, and
+        a float16/bfloat16 tensor never exists twice), so loading tensor by tensor holds only the results."""
+        e = self._entry(name)
+        dtype = e["dtype"]
+        begin, _ = e["data_offsets"]
+        stored = _DTYPES[dtype]
+        n = int(np.prod(e["shape"], dtype=np.int64))
+        widen = dtype in FLOAT_DTYPES and dtype != "F32"
+        out = np.empty(n, np.float32 if widen else stored)
+        if n:
+            with open(self.path, "rb") as f:
+                f.seek(self._data_start + begin)
+                if not widen:
+                    if f.readinto(memoryview(out).cast("B")) != out.nbytes:
+                        raise CheckpointError(f"{self.path}: tensor '{name}' is cut short (file truncated while open)")
+                else:
+                    chunk = np.empty(min(n, _CHUNK), stored)
+                    for start in range(0, n, _CHUNK):
+                        part = chunk[: min(_CHUNK, n - start)]
+                        if f.readinto(memoryview(part).cast("B")) != part.nbytes:
+                            raise CheckpointError(
+                                f"{self.path}: tensor '{name}' is cut short (file truncated while open)"
+                            )
+                        out[start : start + part.size] = bf16_to_float32(part) if dtype == "BF16" else part
+        return out.reshape(e["shape"])
 
 
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:

@@ -9,8 +9,10 @@ quantization: a linear layer is whatever ``WeightSource.dense`` returns, ``nn.De
 
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import initializer
 
 
 class WeightSource:
@@ -28,20 +30,34 @@ class WeightSource:
             return np.zeros(shape, np.float32)
         return (self._rng.standard_normal(shape, dtype=np.float32) * np.float32(self.std)).astype(np.float32)
 
+    def table(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The value of a lookup table (an embedding): float32, or float16 where the source stores it so
+        (rows are widened after the lookup, so the table need not be)."""
+        return self.array(name, shape, "normal")
+
     def dense(self, name: str, in_features: int, out_features: int, has_bias: bool) -> nn.Cell:
         """The linear layer ``name`` (weight ``[out, in]``): an ``nn.Dense`` by default."""
-        w = self.array(f"{name}.weight", (out_features, in_features), "normal")
-        b = self.array(f"{name}.bias", (out_features,), "zeros") if has_bias else None
-        return nn.Dense(
-            in_features,
-            out_features,
-            weight_init=Tensor(w),
-            bias_init=Tensor(b) if b is not None else "zeros",
-            has_bias=has_bias,
-        )
+        dense = nn.Dense(in_features, out_features, weight_init="zeros", bias_init="zeros", has_bias=has_bias)
+        adopt(dense.weight, self.array(f"{name}.weight", (out_features, in_features), "normal"))
+        if has_bias:
+            adopt(dense.bias, self.array(f"{name}.bias", (out_features,), "zeros"))
+        return dense
 
-    def parameter(self, name: str, shape: tuple[int, ...], init: str) -> Parameter:
-        return Parameter(Tensor(self.array(name, shape, init)), name=name.rsplit(".", 1)[-1])
+    def parameter(self, name: str, shape: tuple[int, ...], init: str, table: bool = False) -> Parameter:
+        value = self.table(name, shape) if table else self.array(name, shape, init)
+        param = Parameter(initializer("zeros", value.shape, ms.float16 if value.dtype == np.float16 else ms.float32))
+        param.name = name.rsplit(".", 1)[-1]
+        return adopt(param, value)
+
+
+def adopt(param: Parameter, value: np.ndarray) -> Parameter:
+    """Give a not yet initialised ``param`` the buffer of ``value`` (no copy: MindSpore adopts the numpy
+    memory, so loading a tensor never holds it twice). ``value`` must be a fresh array nobody else writes."""
+    value = np.ascontiguousarray(value)
+    if tuple(value.shape) != tuple(param.shape):
+        raise ValueError(f"{param.name}: value of shape {value.shape} for a parameter of shape {tuple(param.shape)}")
+    param.set_data(Tensor.from_numpy(value))
+    return param
 
 
 def name_parameters(net: nn.Cell) -> None:
@@ -51,14 +67,17 @@ def name_parameters(net: nn.Cell) -> None:
 
 
 class Embedding(nn.Cell):
-    """A lookup table with the parameter named ``weight`` (as in transformers), ``[num, dim]``."""
+    """A lookup table with the parameter named ``weight`` (as in transformers), ``[num, dim]``.
 
-    def __init__(self, source: WeightSource, name: str, num: int, dim: int):
+    With ``half_ok`` the table may be held in float16 (when the checkpoint stores it so): the looked-up rows
+    are widened to float32, exactly. A table that is also a matmul operand (a tied head) stays float32."""
+
+    def __init__(self, source: WeightSource, name: str, num: int, dim: int, half_ok: bool = True):
         super().__init__()
-        self.weight = source.parameter(f"{name}.weight", (num, dim), "normal")
+        self.weight = source.parameter(f"{name}.weight", (num, dim), "normal", table=half_ok)
 
     def construct(self, ids):
-        return ops.gather(self.weight, ids, 0)
+        return ops.cast(ops.gather(self.weight, ids, 0), ms.float32)
 
 
 class RMSNorm(nn.Cell):

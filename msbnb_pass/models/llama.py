@@ -98,7 +98,9 @@ class LlamaModel(nn.Cell):
 
     def __init__(self, config: LlamaConfig, source: WeightSource, name: str = "model", max_seq_len: int = 8192):
         super().__init__()
-        self.embed_tokens = Embedding(source, f"{name}.embed_tokens", config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(
+            source, f"{name}.embed_tokens", config.vocab_size, config.hidden_size, not config.tie_word_embeddings
+        )
         self.layers = nn.CellList(
             [LlamaDecoderLayer(config, source, f"{name}.layers.{i}") for i in range(config.num_hidden_layers)]
         )
