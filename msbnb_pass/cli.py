@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 
 from ._version import __version__
+from .cli_models import add_model_commands
 
 FORMATS = ("nf4", "fp4", "int4", "int8", "llm_int8")
 
@@ -392,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_quantize(sub)
     _add_pass_commands(sub)
+    add_model_commands(sub)
     return parser
 
 

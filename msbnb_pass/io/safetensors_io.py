@@ -248,6 +248,14 @@ def _check_target(path: Path) -> None:
         raise CheckpointError(f"refusing to replace {path}: it exists and is not a regular file")
 
 
+def _file_mode(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_mode & 0o777
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) -> None:
     """Write ``chunks`` to ``path`` through a temporary file in the same directory + fsync + ``os.replace``.
 
@@ -257,6 +265,7 @@ def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) 
     _check_target(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; a checkpoint gets the mode a plain open() gives
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
