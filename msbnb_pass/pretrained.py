@@ -390,9 +390,13 @@ def save_pretrained(
 # ---- dequantizing --------------------------------------------------------------------------------------------------
 @dataclass
 class DequantizeReport:
-    """One entry per replaced layer: its path, format and bits per weight. Dequantizing adds no error of its
-    own (the float32 weight equals the quantized weight's decoded values exactly: code * absmax (+ offset)
-    in float32, as the kernels compute them); the quantization error the layer already carried stays."""
+    """One entry per replaced layer: its path, format and bits per weight.
+
+    ``added_error`` is what dequantizing adds on top of the quantization error the layer already carried:
+    0, since the float32 weight is the format's exact decoding (``code[q] * absmax``, ``+ block_offset`` for
+    asymmetric int4, as ``msbnb_pass.formats`` defines it). The fused kernels decode in registers, where a
+    fused multiply-add may round ``code * absmax + block_offset`` once instead of twice: for asymmetric int4
+    the quantized layer's own weights can differ from these by one float32 ulp."""
 
     layers: list[tuple[str, str, float]] = field(default_factory=list)
     added_error: float = 0.0

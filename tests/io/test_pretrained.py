@@ -108,6 +108,20 @@ def test_gguf_4bit_maps_onto_int4_without_requantization(tmp_path, qtype):
     assert gguf.GGMLQuantizationType  # the writer above is gguf's
 
 
+def test_loaded_quantized_network_compiles_in_graph_mode(tmp_path):
+    write_llama_gguf(tmp_path / "m.gguf", qtype="Q4_1")
+    write_llama(tmp_path / "nf4", "nf4-dq", "F16")
+    for source in (tmp_path / "m.gguf", tmp_path / "nf4"):
+        net = mb.from_pretrained(source)
+        eager = _logits(net)
+        ms.set_context(mode=ms.GRAPH_MODE)
+        try:
+            graph = _logits(net)
+        finally:
+            ms.set_context(mode=ms.PYNATIVE_MODE)
+        assert_network_close(graph, eager, n_terms=llama_terms(LLAMA, IDS.shape[1]), amplification=8)
+
+
 def test_round_trip_is_byte_identical(tmp_path):
     write_llama(tmp_path / "ckpt", "nf4-dq", "BF16")
     net = mb.from_pretrained(tmp_path / "ckpt")

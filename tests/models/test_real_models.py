@@ -44,7 +44,6 @@ def _pynative(ms_cpu):
 
 def test_minilm_fp32_hidden_states_equal_numpy_forward():
     from safetensors.numpy import load_file
-    from tokenizers import Tokenizer
 
     import msbnb_pass as mb
 
@@ -53,7 +52,7 @@ def test_minilm_fp32_hidden_states_equal_numpy_forward():
     info = net.checkpoint_info
     assert info.unused_keys == [] and info.ignored_keys == ["embeddings.position_ids"]
     assert info.quantized_layers == []
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok = mb.tokenizer_from_pretrained(model_dir)
     tok.no_padding()
     tok.no_truncation()
     texts = ["The quick brown fox jumps over the lazy dog.", "MindSpore runs on the CPU."]
