@@ -186,7 +186,7 @@ def convert_checkpoint(
     import numpy as np
 
     from .config import BitsAndBytesConfig
-    from .io import CheckpointError, write_checkpoint
+    from .io import CheckpointError, float32_to_bf16, write_checkpoint
     from .kernels import quantize as fast
 
     if quantize not in CONVERT_FORMATS:
@@ -227,6 +227,10 @@ def convert_checkpoint(
                 tensors.update(state.to_state_dict(key))
             quantized += 1
         else:
+            if stored == "F16":
+                value = value.astype(np.float16)  # exact; half the memory until written
+            elif stored == "BF16":
+                value = float32_to_bf16(value)  # exact: the bf16 words as stored
             tensors[key] = value
             if stored in ("F16", "BF16", "F32", "F64"):
                 dtypes[key] = stored

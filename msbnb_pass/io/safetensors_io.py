@@ -22,7 +22,7 @@ import logging
 import os
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -310,22 +310,41 @@ def write_safetensors(
         arr = np.asarray(tensors[name])
         dtype = dtypes.get(name) or numpy_to_dtype_name(arr)
         encoded[name] = (dtype, _encode(name, arr, dtype))
+    entries = [(name, dtype, tuple(arr.shape)) for name, (dtype, arr) in encoded.items()]
+    write_safetensors_streaming(path, entries, lambda name: encoded[name][1], metadata)
+
+
+def write_safetensors_streaming(
+    path: str | os.PathLike,
+    entries: list[tuple[str, str, tuple[int, ...]]],
+    produce: Callable[[str], np.ndarray],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a file larger than memory: ``entries`` lists (name, safetensors dtype, shape) in file order and
+    ``produce(name)`` returns each tensor when its turn comes (float values are converted to the dtype).
+    Atomic like :func:`write_safetensors`; a produced tensor of the wrong shape aborts the write."""
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     pos = 0
-    for name, (dtype, arr) in encoded.items():
-        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [pos, pos + arr.nbytes]}
-        pos += arr.nbytes
+    for name, dtype, shape in entries:
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"tensor '{name}': dtype {dtype!r} is not supported (accepted: {sorted(_DTYPES)})")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": [int(d) for d in shape], "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
 
     def chunks() -> Iterator[bytes | memoryview]:
         yield struct.pack("<Q", len(text))
         yield text
-        for _, arr in encoded.values():
+        for name, dtype, shape in entries:
+            arr = _encode(name, produce(name), dtype)
+            if tuple(arr.shape) != tuple(shape):
+                raise CheckpointError(f"tensor '{name}': produced shape {arr.shape}, the header says {tuple(shape)}")
             if arr.nbytes:
                 yield memoryview(arr.reshape(-1)).cast("B")
 
     atomic_write(path, chunks())
-    logger.debug("wrote %d tensors (%d bytes) to %s", len(encoded), pos, path)
+    logger.debug("wrote %d tensors (%d bytes) to %s", len(entries), pos, path)

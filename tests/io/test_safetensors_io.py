@@ -138,3 +138,22 @@ def test_writes_are_atomic_and_refuse_non_regular_targets(tmp_path, monkeypatch)
     (tmp_path / "dir.safetensors").mkdir()
     with pytest.raises(CheckpointError, match="not a regular file"):
         write_safetensors(tmp_path / "dir.safetensors", {"x": np.ones(1, np.float32)})
+
+
+def test_streaming_writer_produces_tensors_in_turn_and_aborts_cleanly(tmp_path):
+    from msbnb_pass.io.safetensors_io import write_safetensors_streaming
+
+    p = tmp_path / "big.safetensors"
+    asked = []
+
+    def produce(name):
+        asked.append(name)
+        return np.full((2, 3), len(asked), np.float32)
+
+    write_safetensors_streaming(p, [("b", "F16", (2, 3)), ("a", "BF16", (2, 3))], produce)
+    f = SafetensorsFile(p)
+    assert asked == ["b", "a"] and f.dtype("b") == "F16" and np.array_equal(f.get("a"), np.full((2, 3), 2.0))
+    good = p.read_bytes()
+    with pytest.raises(CheckpointError, match=r"tensor 'a': produced shape \(3, 2\), the header says \(2, 3\)"):
+        write_safetensors_streaming(p, [("a", "F32", (2, 3))], lambda name: np.zeros((3, 2), np.float32))
+    assert p.read_bytes() == good and sorted(os.listdir(tmp_path)) == ["big.safetensors"]
