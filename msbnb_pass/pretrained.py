@@ -263,7 +263,7 @@ def from_pretrained(
     return net
 
 
-def tokenizer_from_pretrained(path: str | os.PathLike):
+def tokenizer_from_pretrained(path: str | os.PathLike) -> Any:
     """The ``tokenizers.Tokenizer`` of a checkpoint: built from a GGUF's metadata, or a transformers
     directory's ``tokenizer.json``."""
     path = Path(path)

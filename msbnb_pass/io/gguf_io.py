@@ -249,7 +249,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], TensorStore]:
     return config, TensorStore.from_arrays(arrays, dtypes, str(path))
 
 
-def tokenizer_from_gguf(path: str | os.PathLike):
+def tokenizer_from_gguf(path: str | os.PathLike) -> Any:
     """A ``tokenizers.Tokenizer`` (byte-level BPE) built from the GGUF's ``tokenizer.ggml.*`` metadata."""
     try:
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
