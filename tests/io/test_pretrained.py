@@ -291,3 +291,21 @@ def test_save_pretrained_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="not a regular file"):
         mb.save_pretrained(net, out)
     assert victim.read_bytes() == b"keep"
+
+
+def test_quantization_config_decides_threshold_and_compute_dtype(tmp_path):
+    def edit(directory, **fields):
+        cfg = json.loads((directory / "config.json").read_text())
+        cfg["quantization_config"].update(fields)
+        (directory / "config.json").write_text(json.dumps(cfg))
+
+    write_llama(tmp_path / "i8", "int8", "F32")
+    edit(tmp_path / "i8", llm_int8_threshold=0.0)
+    layers = [c for _, c in mb.from_pretrained(tmp_path / "i8").cells_and_names() if isinstance(c, mb.Linear8bitLt)]
+    assert len(layers) == 14 and {c.threshold for c in layers} == {0.0}
+    write_llama(tmp_path / "q4", "nf4", "F32")
+    edit(tmp_path / "q4", bnb_4bit_compute_dtype="float16")
+    layers = [c for _, c in mb.from_pretrained(tmp_path / "q4").cells_and_names() if isinstance(c, mb.Linear4bit)]
+    assert {c.compute_dtype_name for c in layers} == {"float16"}
+    net = mb.from_pretrained(tmp_path / "q4", compute_dtype="float32")
+    assert {c.compute_dtype_name for _, c in net.cells_and_names() if isinstance(c, mb.Linear4bit)} == {"float32"}
