@@ -51,3 +51,11 @@ def test_convert_gguf_keeps_its_blocks(tmp_path, capsys, ms_cpu):
     assert np.array_equal(
         mb.from_pretrained(tmp_path / "out")(IDS).asnumpy(), mb.from_pretrained(tmp_path / "m.gguf")(IDS).asnumpy()
     )
+
+
+def test_inspect_gguf(tmp_path, capsys):
+    write_llama_gguf(tmp_path / "m.gguf", qtype="Q4_0")
+    assert main(["inspect", str(tmp_path / "m.gguf"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["source_format"] == "gguf" and report["layers"] == {"int4": 15}  # 14 decoder linears + the head
+    assert report["config"]["num_key_value_heads"] == 2 and report["quantization_config"] is None

@@ -309,3 +309,17 @@ def test_quantization_config_decides_threshold_and_compute_dtype(tmp_path):
     assert {c.compute_dtype_name for c in layers} == {"float16"}
     net = mb.from_pretrained(tmp_path / "q4", compute_dtype="float32")
     assert {c.compute_dtype_name for _, c in net.cells_and_names() if isinstance(c, mb.Linear4bit)} == {"float32"}
+
+
+def test_sharded_save_and_switching_layouts(tmp_path):
+    write_llama(tmp_path / "ckpt", "nf4", "BF16")
+    net = mb.from_pretrained(tmp_path / "ckpt")
+    written = mb.save_pretrained(net, tmp_path / "out", max_shard_size=20_000)
+    shards = sorted(p.name for p in (tmp_path / "out").glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "out" / "model.safetensors.index.json") in written
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert np.array_equal(_logits(mb.from_pretrained(tmp_path / "out")), _logits(net))
+    mb.save_pretrained(net, tmp_path / "out")  # back to one file: the old index and shards must not linger
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    assert np.array_equal(_logits(mb.from_pretrained(tmp_path / "out")), _logits(net))
