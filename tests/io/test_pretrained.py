@@ -195,7 +195,10 @@ def test_bert_checkpoint_strict(tmp_path):
     mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int32)
     y = net(ms.Tensor(ids), ms.Tensor(mask)).asnumpy()
     ref = bert_forward(sd, cfg, ids, mask.astype(np.float64))
-    assert np.abs(y[0] - ref[0]).max() < 1e-4 and np.abs(y[1, :3] - ref[1, :3]).max() < 1e-4
+    # per layer: q/k/v (hidden), scores (head_dim), probabilities (t), output (hidden), intermediate, output
+    n = cfg["num_hidden_layers"] * (32 + 8 + 5 + 32 + 32 + 64)
+    assert_network_close(y[0], ref[0], n_terms=n, amplification=8)
+    assert_network_close(y[1, :3], ref[1, :3], n_terms=n, amplification=8)  # the real tokens of row 1
 
 
 # ---- refusals ------------------------------------------------------------------------------------------------------
