@@ -66,10 +66,10 @@ def _open(path: Path):
             magic = f.read(4)
     if magic == b"GGUF":
         config, store = read_gguf(path)
-        return config, store, "gguf"
+        return config, store, "gguf", []
     config = read_config(path if path.is_dir() else path.parent)
-    store, _ = open_safetensors(path)
-    return config, store, "transformers"
+    store, files = open_safetensors(path)
+    return config, store, "transformers", files
 
 
 def _layer_formats(store) -> dict[str, str]:
@@ -86,29 +86,16 @@ def _layer_formats(store) -> dict[str, str]:
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     """What ``msbnb inspect`` prints: the config, the quantization_config and every tensor's dtype, shape,
     bytes and the format of the layer it belongs to."""
-    import numpy as np
 
     path = Path(path)
-    config, store, fmt = _open(path)
+    config, store, fmt, files = _open(path)
     layers = _layer_formats(store)
     tensors = []
     for key in store:
         module = next((m for m in (key.split(".weight")[0], key.rsplit(".", 1)[0]) if m in layers), None)
         tensors.append({"name": key, "dtype": store.dtype(key), "format": layers.get(module, "float"), "bytes": 0})
     if fmt == "transformers":
-        from .io import SafetensorsFile
-
-        files = (
-            [path]
-            if path.is_file()
-            else sorted(p for p in (path if path.is_dir() else path.parent).glob("*.safetensors"))
-        )
-        sizes = {}
-        for f in files:
-            sf = SafetensorsFile(f)
-            for k in sf.keys():
-                shape = sf.shape(k)
-                sizes[k] = (shape, int(np.prod(shape, dtype=np.int64)) * _itemsize(sf.dtype(k)))
+        sizes = {k: (f.shape(k), f.nbytes(k)) for f in files for k in f.keys()}
         for t in tensors:
             shape, nbytes = sizes.get(t["name"], (None, 0))
             t["shape"], t["bytes"] = list(shape) if shape is not None else None, nbytes
@@ -130,12 +117,6 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "total_bytes": sum(t["bytes"] for t in tensors),
         "tensors": tensors,
     }
-
-
-def _itemsize(dtype: str) -> int:
-    return {"BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2}.get(
-        dtype, 4 if dtype in ("U32", "I32", "F32") else 8
-    )
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -192,7 +173,7 @@ def convert_checkpoint(
     if quantize not in CONVERT_FORMATS:
         raise ValueError(f"quantize must be one of {CONVERT_FORMATS}, got {quantize!r}")
     src, dst = Path(src), Path(dst)
-    config, store, fmt = _open(src)
+    config, store, fmt, _ = _open(src)
     existing = _layer_formats(store)
     if quantize != "none" and existing:
         raise CheckpointError(

@@ -123,6 +123,10 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entry(name)["shape"])
 
+    def nbytes(self, name: str) -> int:
+        begin, end = self._entry(name)["data_offsets"]
+        return end - begin
+
     def _entry(self, name: str) -> dict[str, Any]:
         try:
             return self._header[name]
