@@ -86,7 +86,6 @@ def _layer_formats(store) -> dict[str, str]:
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     """What ``msbnb inspect`` prints: the config, the quantization_config and every tensor's dtype, shape,
     bytes and the format of the layer it belongs to."""
-
     path = Path(path)
     config, store, fmt, files = _open(path)
     layers = _layer_formats(store)
