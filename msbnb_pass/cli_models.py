@@ -57,19 +57,20 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_convert)
 
 
-def _open(path: Path):
-    from .io import open_safetensors, read_config, read_gguf
+def _open(path: Path) -> tuple[dict[str, Any], Any, str, list, Any]:
+    """(config, store, "gguf" | "transformers", the safetensors files read, the GGUF's tokenizer or None)."""
+    from .io import open_gguf, open_safetensors, read_config
 
     magic = b""
     if path.is_file():
         with open(path, "rb") as f:
             magic = f.read(4)
     if magic == b"GGUF":
-        config, store = read_gguf(path)
-        return config, store, "gguf", []
+        contents = open_gguf(path)
+        return contents.config, contents.store, "gguf", [], contents.tokenizer
     config = read_config(path if path.is_dir() else path.parent)
     store, files = open_safetensors(path)
-    return config, store, "transformers", files
+    return config, store, "transformers", files, None
 
 
 def _layer_formats(store) -> dict[str, str]:
@@ -87,7 +88,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     """What ``msbnb inspect`` prints: the config, the quantization_config and every tensor's dtype, shape,
     bytes and the format of the layer it belongs to."""
     path = Path(path)
-    config, store, fmt, files = _open(path)
+    config, store, fmt, files, _ = _open(path)
     layers = _layer_formats(store)
     tensors = []
     for key in store:
@@ -172,7 +173,7 @@ def convert_checkpoint(
     if quantize not in CONVERT_FORMATS:
         raise ValueError(f"quantize must be one of {CONVERT_FORMATS}, got {quantize!r}")
     src, dst = Path(src), Path(dst)
-    config, store, fmt, _ = _open(src)
+    config, store, fmt, _, tokenizer = _open(src)
     existing = _layer_formats(store)
     if quantize != "none" and existing:
         raise CheckpointError(
@@ -235,7 +236,7 @@ def convert_checkpoint(
             "note": "GGUF 4-bit blocks as msbnb int4 (no re-quantization); transformers + bitsandbytes cannot load them",
         }
     written = write_checkpoint(dst, out_config, tensors, dtypes, max_shard_size)
-    written += _copy_tokenizer(src, dst, fmt)
+    written += _copy_tokenizer(src, dst, fmt, tokenizer)
     return {
         "source": str(src),
         "source_format": fmt,
@@ -248,20 +249,16 @@ def convert_checkpoint(
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt")
 
 
-def _copy_tokenizer(src: Path, dst: Path, fmt: str) -> list[Path]:
-    """The tokenizer goes with the weights: a GGUF's metadata becomes ``tokenizer.json``; a transformers
-    directory's tokenizer files are copied."""
-    from .io import CheckpointError, atomic_write
+def _copy_tokenizer(src: Path, dst: Path, fmt: str, gguf_tokenizer: Any) -> list[Path]:
+    """The tokenizer goes with the weights: a GGUF's (built from its metadata) becomes ``tokenizer.json``; a
+    transformers directory's tokenizer files are copied."""
+    from .io import atomic_write
 
     if fmt == "gguf":
-        from .io import tokenizer_from_gguf
-
-        try:
-            tok = tokenizer_from_gguf(src)
-        except CheckpointError as exc:
-            logger.warning("%s: no tokenizer written (%s)", src, exc)
+        if gguf_tokenizer is None:
+            logger.warning("%s: no tokenizer in the metadata; none written", src)
             return []
-        atomic_write(dst / "tokenizer.json", [tok.to_str().encode("utf-8")])
+        atomic_write(dst / "tokenizer.json", [gguf_tokenizer.to_str().encode("utf-8")])
         return [dst / "tokenizer.json"]
     directory = src if src.is_dir() else src.parent
     out = []

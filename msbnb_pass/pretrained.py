@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from mindspore import nn
 
-from .io import CheckpointError, TensorStore, open_safetensors, read_config, read_gguf, write_checkpoint
-from .io.gguf_io import tokenizer_from_gguf
+from .io import CheckpointError, TensorStore, open_safetensors, read_config, write_checkpoint
+from .io.gguf_io import open_gguf, tokenizer_from_gguf
 from .io.safetensors_io import FLOAT_DTYPES
 from .models import BERT_BUFFERS, WeightSource, build_model, config_from_dict, name_parameters
 from .nn import Linear4bit, Linear8bit, Linear8bitLt
@@ -47,6 +47,7 @@ class LoadInfo:
     quantized_layers: list[str] = field(default_factory=list)
     unused_keys: list[str] = field(default_factory=list)
     ignored_keys: list[str] = field(default_factory=list)
+    tokenizer: Any = None  # a GGUF's tokenizer, built from the same read (else tokenizer_from_pretrained)
 
 
 def _is_gguf(path: Path) -> bool:
@@ -156,10 +157,10 @@ class _StoreSource(WeightSource):
         return layer
 
 
-def _open(path: Path) -> tuple[dict[str, Any], TensorStore, str]:
+def _open(path: Path) -> tuple[dict[str, Any], TensorStore, str, Any]:
     if _is_gguf(path):
-        config, store = read_gguf(path)
-        return config, store, "gguf"
+        contents = open_gguf(path)
+        return contents.config, contents.store, "gguf", contents.tokenizer
     if path.is_file() and path.suffix == ".safetensors":
         config = read_config(path.parent)
     elif path.is_dir():
@@ -170,7 +171,7 @@ def _open(path: Path) -> tuple[dict[str, Any], TensorStore, str]:
             f"GGUF file"
         )
     store, _ = open_safetensors(path)
-    return config, store, "transformers"
+    return config, store, "transformers", None
 
 
 def from_pretrained(
@@ -200,11 +201,12 @@ def from_pretrained(
         progress: show a progress bar over the tensors read.
         pass_kwargs: passed to ``msbnb_pass.quantize`` with ``quantization_config``.
 
-    Returns the network, with ``net.checkpoint_info`` (a :class:`LoadInfo`) and ``net.config``.
+    Returns the network, with ``net.checkpoint_info`` (a :class:`LoadInfo`; for a GGUF its ``tokenizer``) and
+    ``net.config``.
     Raises :class:`~msbnb_pass.io.CheckpointError` naming the file and tensor for anything unusable.
     """
     path = Path(path)
-    config_dict, store, fmt = _open(path)
+    config_dict, store, fmt, tokenizer = _open(path)
     try:
         model_config = config_from_dict(config_dict)
     except (ValueError, TypeError) as exc:
@@ -242,6 +244,7 @@ def from_pretrained(
         quantized_layers=list(source.quantized),
         unused_keys=unused,
         ignored_keys=ignored,
+        tokenizer=tokenizer,
     )
     for k in store:
         if ".quant_state." in k:

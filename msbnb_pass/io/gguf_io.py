@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,13 +179,42 @@ def _q8_0(data: np.ndarray, rows: int, cols: int, name: str) -> np.ndarray:
     return (q * d[..., None]).reshape(rows, cols)
 
 
+@dataclass
+class GGUFContents:
+    """What a GGUF file holds, read once: the transformers config dict, the tensors (transformers keys) and
+    the tokenizer built from its metadata (None when it has none, or ``tokenizers`` is not installed)."""
+
+    config: dict[str, Any]
+    store: TensorStore
+    tokenizer: Any = None
+
+
 def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], TensorStore]:
     """A LLaMA GGUF file as (transformers config dict, TensorStore with transformers keys).
 
     4-bit tensors come as this project's int4 state-dict entries (``<name>.weight`` packed,
     ``.absmax``, ``.quant_map``, ``.block_offset``, ``.quant_state.msbnb__int4``), others as float32."""
+    contents = open_gguf(path, tokenizer=False)
+    return contents.config, contents.store
+
+
+def open_gguf(path: str | os.PathLike, tokenizer: bool = True) -> GGUFContents:
+    """:func:`read_gguf` plus the tokenizer, from one parse of the file (gguf's reader parses all metadata,
+    tens of thousands of vocabulary strings, when it opens a file)."""
     path = Path(path)
     r = _Reader(path)
+    config, store = _read_tensors(r)
+    tok = None
+    if tokenizer and r.field("tokenizer.ggml.tokens") is not None:
+        try:
+            tok = _tokenizer(r)
+        except (ImportError, CheckpointError) as exc:
+            logger.info("%s: no tokenizer (%s)", path, exc)
+    return GGUFContents(config, store, tok)
+
+
+def _read_tensors(r: _Reader) -> tuple[dict[str, Any], TensorStore]:
+    path = r.path
     names = {t.name for t in r.reader.tensors}
     config = _llama_config(r, names)
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
@@ -251,11 +281,15 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], TensorStore]:
 
 def tokenizer_from_gguf(path: str | os.PathLike) -> Any:
     """A ``tokenizers.Tokenizer`` (byte-level BPE) built from the GGUF's ``tokenizer.ggml.*`` metadata."""
+    return _tokenizer(_Reader(Path(path)))
+
+
+def _tokenizer(r: _Reader) -> Any:
     try:
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     except ImportError as exc:
         raise ImportError("building a tokenizer needs the 'tokenizers' package: pip install tokenizers") from exc
-    r = _Reader(Path(path))
+    path = r.path
     model = r.require("tokenizer.ggml.model")
     if model != "gpt2":
         raise CheckpointError(f"{path}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is supported")
