@@ -59,6 +59,11 @@ _EXPORTS = {
     "quantize_model_weights": "converter",
     "get_model_size": "converter",
     "compare_model_sizes": "converter",
+    # checkpoints on disk (transformers + bitsandbytes safetensors, GGUF)
+    "from_pretrained": "pretrained",
+    "save_pretrained": "pretrained",
+    "dequantize_model": "pretrained",
+    "tokenizer_from_pretrained": "pretrained",
 }
 
 _SUBMODULES = (
@@ -73,6 +78,9 @@ _SUBMODULES = (
     "match",
     "rewrite",
     "passes",
+    "models",
+    "io",
+    "pretrained",
 )
 
 __all__ = ["__version__", "dump", "verify", *_SUBMODULES, *sorted(_EXPORTS)]

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._version import __version__
+from .cli_models import add_model_commands
 from .errors import CLIError, MsbnbError
 
 EXIT_OK, EXIT_BELOW_MIN_COSINE, EXIT_USAGE = 0, 1, 2
@@ -504,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_quantize(sub)
     _add_pass_commands(sub)
+    add_model_commands(sub)
     return parser
 
 

@@ -90,23 +90,34 @@ def check_output_dir(path: str | os.PathLike, what: str = "output directory") ->
     return p
 
 
-def _umask() -> int:
+def _new_file_mode(target: Path) -> int:
+    """The mode a plain ``open()`` would give: the existing file's, else 0666 less the umask."""
+    if target.is_file():
+        return target.stat().st_mode & 0o777
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None], what: str = "output") -> Path:
-    """``write(tmp_path)`` into a temporary file beside ``path``, then move it into place. The target is
-    checked (regular file or absent) before and again right before the move."""
+    """``write(tmp_path)`` into a temporary file beside ``path``, fsync it, then move it into place: a crash
+    never leaves a truncated file where a good one was. The target is checked (regular file or absent)
+    before and again right before the move; on any error the temporary file is removed and the target is
+    untouched."""
     target = check_output_file(path, what)
+    mode = _new_file_mode(target)
     # keep the target's suffix: writers such as mindspore.save_checkpoint append ".ckpt" to a path without it
-    fd, tmp = tempfile.mkstemp(prefix=".msbnb-", suffix=".tmp" + target.suffix, dir=str(target.parent) or ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=str(target.parent))
     os.close(fd)
     try:
         write(tmp)
-        if os.stat(tmp).st_mode & 0o777 == 0o600:  # mkstemp's private mode: give the file the usual one
-            os.chmod(tmp, 0o666 & ~_umask())
+        if os.stat(tmp).st_mode & 0o777 == 0o600:  # still mkstemp's private mode: give it the usual one
+            os.chmod(tmp, mode)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         check_output_file(target, what)
         os.replace(tmp, target)
     except BaseException:

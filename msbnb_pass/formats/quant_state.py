@@ -234,7 +234,16 @@ class QuantState:
             )
             offset = np.float32(off)
         else:
-            _expect(_join(prefix, "absmax"), absmax, "float", n_blocks, f"one per block {where}", nonnegative=True)
+            # nf4/fp4 store an absmax; msbnb's int4 stores a block scale, which may be negative (GGUF's Q4_0/Q4_1
+            # scale d keeps the sign of the block's largest-magnitude value)
+            _expect(
+                _join(prefix, "absmax"),
+                absmax,
+                "float",
+                n_blocks,
+                f"one per block {where}",
+                nonnegative=quant_type in ("nf4", "fp4"),
+            )
         code = get("quant_map")
         _expect(_join(prefix, "quant_map"), code, "float", 16, "the 4-bit code table")
         block_offset_key = _join(prefix, "block_offset")
