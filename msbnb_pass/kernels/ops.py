@@ -327,8 +327,12 @@ class ReferenceLlmInt8(_LlmInt8Base):
 
     def construct(self, x, cb, scb, bias):
         shape = x.shape
-        x2 = ops.cast(x, ms.float32).reshape((-1, self.in_features))
+        x_all = ops.cast(x, ms.float32).reshape((-1, self.in_features))
         w = ops.cast(cb, ms.float32) * scb.reshape((-1, 1)) * 7.874015718698502e-3
+        # rows with NaN/Inf have no int8 image: they are computed in float (as the fused kernel does) and
+        # kept out of the outlier detection and quantization of the other rows
+        bad = ops.logical_not(ops.isfinite(x_all)).any(axis=1, keep_dims=True)
+        x2 = ops.where(ops.broadcast_to(bad, x_all.shape), ops.zeros_like(x_all), x_all)
         if self.threshold > 0:
             big = ops.abs(x2) >= self.threshold
             cols = big.any(axis=0, keep_dims=True)
@@ -347,6 +351,7 @@ class ReferenceLlmInt8(_LlmInt8Base):
         y = ops.cast(acc, ms.float32) * (sca * scb.reshape((1, -1))) * (1.0 / (127.0 * 127.0))
         if x_out is not None:
             y = y + ops.matmul(x_out, w.T)
+        y = ops.where(ops.broadcast_to(bad, y.shape), ops.matmul(ops.where(bad, x_all, ops.zeros_like(x_all)), w.T), y)
         if self.has_bias:
             y = y + bias
         return ops.cast(y.reshape(shape[:-1] + (self.out_features,)), x.dtype)
