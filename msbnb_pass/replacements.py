@@ -69,10 +69,16 @@ def linear4bit(view: LinearView, quant_type, blocksize, double_quant, compute_dt
 
 @register_replacement(
     "linear8bit",
-    params={"symmetric": True, "per_channel": True, "has_fp16_weights": False, "backend": None},
+    params={
+        "symmetric": True,
+        "per_channel": True,
+        "has_fp16_weights": False,
+        "compute_dtype": "float32",
+        "backend": None,
+    },
     scheme=lambda p: "int8" if p["symmetric"] else "int8_asym",
 )
-def linear8bit(view: LinearView, symmetric, per_channel, has_fp16_weights, backend):
+def linear8bit(view: LinearView, symmetric, per_channel, has_fp16_weights, compute_dtype, backend):
     from .nn import Linear8bit
 
     return _from_view(
@@ -81,6 +87,7 @@ def linear8bit(view: LinearView, symmetric, per_channel, has_fp16_weights, backe
         has_fp16_weights=has_fp16_weights,
         symmetric=symmetric,
         per_channel=per_channel,
+        compute_dtype=compute_dtype,
         backend=backend,
     )
 

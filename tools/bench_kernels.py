@@ -38,6 +38,7 @@ MS = [1, 8, 32, 128]
 # at least this many layers per chain, so the ~1 ms cost of one jit call is spread thin
 MIN_LAYERS = 8
 VARIANTS = ["fp32", "nf4_dq", "fp4_dq", "int4", "int8", "llm_int8_t0", "llm_int8_t6"]
+# also available: any 4-bit or int8 variant with a compute dtype suffix, e.g. nf4_dq@bfloat16, int8@int8
 
 
 def l3_bytes() -> int:
@@ -73,19 +74,21 @@ def make_layers(variant: str, K: int, N: int, count: int, rng: np.random.Generat
     from msbnb_pass import Linear4bit, Linear8bit, Linear8bitLt
 
     W = (rng.standard_normal((N, K), dtype=np.float32) * 0.02).astype(np.float32)
+    variant, _, compute = variant.partition("@")
+    opts = {"compute_dtype": compute} if compute else {}
     if variant == "fp32":
         return [nn.Dense(K, N, weight_init=Tensor(W.copy()), has_bias=False) for _ in range(count)]
     if variant in ("nf4_dq", "fp4_dq", "int4"):
         qt = {"nf4_dq": "nf4", "fp4_dq": "fp4", "int4": "int4"}[variant]
-        first = Linear4bit(K, N, False, qt, 64, variant != "int4", weight=W)
+        first = Linear4bit(K, N, False, qt, 64, variant != "int4", weight=W, **opts)
         packed, state = first.weight.asnumpy(), first.quant_state
         return [first] + [
-            Linear4bit(K, N, False, qt, 64, variant != "int4", quant_state=state, packed=packed.copy())
+            Linear4bit(K, N, False, qt, 64, variant != "int4", quant_state=state, packed=packed.copy(), **opts)
             for _ in range(count - 1)
         ]
     if variant == "int8":
-        first = Linear8bit(K, N, False, has_fp16_weights=False, weight=W)
-        return [first] + [Linear8bit(K, N, False, has_fp16_weights=False, weight=W) for _ in range(count - 1)]
+        first = Linear8bit(K, N, False, has_fp16_weights=False, weight=W, **opts)
+        return [first] + [Linear8bit(K, N, False, has_fp16_weights=False, weight=W, **opts) for _ in range(count - 1)]
     if variant.startswith("llm_int8"):
         threshold = 0.0 if variant.endswith("t0") else 6.0
         first = Linear8bitLt(K, N, False, threshold=threshold, weight=W)

@@ -9,7 +9,9 @@ to a run in which the non-finite rows are replaced by zeros (no row leaks into a
 the input gradient ``dx = dy @ W`` with a non-finite ``dy``.
 
 LLM.int8() used to turn such rows into finite garbage (NaN is neither an outlier nor part of the absmax,
-and casting NaN to int8 is undefined); it now computes them in float.
+and casting NaN to int8 is undefined); it now computes them in float, as the int8 compute mode of the
+4-bit and INT8 layers does. bfloat16 rounding keeps NaN and Inf, and no weight here is small enough to
+flush to zero, so the float64 classification with the dequantized weights applies to it too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from msbnb_pass.kernels import _lib
 CPU = _lib.available()
 ISAS = _lib.supported_isas() if CPU else []
 KINDS = ["nf4-dq", "fp4", "int4-asym", "int8", "int8-asym", "llm_int8-0", "llm_int8-6"]
+# the reduced-precision compute modes (kind@compute_dtype)
+KINDS += ["nf4-dq@bfloat16", "nf4-dq@int8", "int8@bfloat16", "int8@int8"]
 
 
 def make(kind: str, n: int, k: int, backend: str):
@@ -33,7 +37,10 @@ def make(kind: str, n: int, k: int, backend: str):
     W[::3, 5] = 0.0  # Inf * 0 = NaN in a third of the columns
     W[1::3, 5] = np.abs(W[1::3, 5]) + 0.01  # a sign that is known: +Inf stays +Inf
     b = rng.standard_normal(n).astype(np.float32)
+    kind, _, compute = kind.partition("@")
     common = dict(weight=W, bias_value=b, backend=backend)
+    if compute:
+        common["compute_dtype"] = compute
     if kind == "nf4-dq":
         return Linear4bit(k, n, True, "nf4", 64, True, **common)
     if kind == "fp4":

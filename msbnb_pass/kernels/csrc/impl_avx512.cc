@@ -294,6 +294,157 @@ float quantize_row_fast(const float *x, int64_t K, const uint8_t *outlier, float
   return amax;
 }
 
+// ---- bf16 --------------------------------------------------------------------------------------------------------
+BV bload(const uint16_t *p) {
+  const __m512i v = _mm512_loadu_si512(p);
+  return BV{_mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u))),
+            _mm512_castsi512_ps(_mm512_slli_epi32(v, 16))};
+}
+
+// The same micro-kernel with vdpbf16ps (AVX512-BF16), compiled for it alone and called only when the CPU has it.
+#define MSBNB_BF16_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma,f16c")))
+template <int MR, int NR>
+MSBNB_BF16_TARGET void micro_bf16_native(const uint16_t *x, int64_t ldx, const uint16_t *p, int64_t ldp, int64_t klen,
+                                         float *y, int64_t ldy) {
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < klen; k += 32) {
+    __m512i xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm512_loadu_si512(x + i * ldx + k);
+    for (int j = 0; j < NR; ++j) {
+      const __m512i pv = _mm512_loadu_si512(p + j * ldp + k);
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv[i], (__m512bh)pv);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) y[i * ldy + j] += _mm512_reduce_add_ps(acc[i][j]);
+}
+const MicroBf16Fn kMicroBf16Native[16] = {
+    micro_bf16_native<1, 1>, micro_bf16_native<1, 2>, micro_bf16_native<1, 3>, micro_bf16_native<1, 4>,
+    micro_bf16_native<2, 1>, micro_bf16_native<2, 2>, micro_bf16_native<2, 3>, micro_bf16_native<2, 4>,
+    micro_bf16_native<3, 1>, micro_bf16_native<3, 2>, micro_bf16_native<3, 3>, micro_bf16_native<3, 4>,
+    micro_bf16_native<4, 1>, micro_bf16_native<4, 2>, micro_bf16_native<4, 3>, micro_bf16_native<4, 4>,
+};
+const MicroBf16Fn *bf16_native_micro() { return bf16_native_enabled() ? kMicroBf16Native : nullptr; }
+
+// ---- int8 compute with VPDPBUSD -----------------------------------------------------------------------------------
+// Register-blocked with the rows of x in the vector lanes: the quantized activations are transposed once per
+// call into [K/4][Mp] dwords (4 consecutive int8 of one row per dword, 16 rows per vector), each weight dword
+// (4 codes of one output row, made unsigned: level + 128) is broadcast, and one VPDPBUSD adds 64 products into
+// 16 rows' int32 sums. The +128 is undone by starting each block's sums at -128 * sum(x codes of the block).
+// Per block, the sums are converted and scaled into float32 accumulators exactly as i8_gemm_generic does.
+constexpr int kI8NR = 4;
+
+template <int MV>
+void i8_tile(const int32_t *xT, const int32_t *corr, const float *sxT, int64_t Mp, int64_t m0, int64_t M, int64_t K4,
+             int64_t B4, int64_t nb, const uint8_t *wu8, int64_t ldw, const float *ws, int64_t n, int rc, int64_t N,
+             float *y) {
+  __m512 facc[kI8NR][MV];
+  for (int j = 0; j < kI8NR; ++j)
+    for (int v = 0; v < MV; ++v) facc[j][v] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t k4a = b * B4, k4b = imin(K4, k4a + B4);
+    __m512i ia[kI8NR][MV];
+    for (int v = 0; v < MV; ++v) {
+      const __m512i c = _mm512_loadu_si512(corr + b * Mp + m0 + 16 * v);
+      for (int j = 0; j < kI8NR; ++j) ia[j][v] = c;
+    }
+    for (int64_t k4 = k4a; k4 < k4b; ++k4) {
+      __m512i xv[MV];
+      for (int v = 0; v < MV; ++v) xv[v] = _mm512_loadu_si512(xT + k4 * Mp + m0 + 16 * v);
+      for (int j = 0; j < kI8NR; ++j) {
+        int32_t wd;
+        __builtin_memcpy(&wd, wu8 + j * ldw + 4 * k4, 4);
+        const __m512i wb = _mm512_set1_epi32(wd);
+        for (int v = 0; v < MV; ++v) ia[j][v] = _mm512_dpbusd_epi32(ia[j][v], wb, xv[v]);
+      }
+    }
+    for (int v = 0; v < MV; ++v) {
+      const __m512 sv = _mm512_loadu_ps(sxT + b * Mp + m0 + 16 * v);
+      for (int j = 0; j < kI8NR; ++j) {
+        const __m512 s = _mm512_mul_ps(sv, _mm512_set1_ps(ws[j * nb + b]));
+        facc[j][v] = _mm512_add_ps(facc[j][v], _mm512_mul_ps(_mm512_cvtepi32_ps(ia[j][v]), s));
+      }
+    }
+  }
+  alignas(64) float tmp[16];
+  for (int j = 0; j < rc; ++j)
+    for (int v = 0; v < MV; ++v) {
+      _mm512_store_ps(tmp, facc[j][v]);
+      for (int l = 0; l < 16; ++l) {
+        const int64_t m = m0 + 16 * v + l;
+        if (m < M) y[m * N + n + j] = tmp[l];
+      }
+    }
+}
+
+void i8_gemm(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const W8 *w8, float *y) {
+  const int64_t Mp = round_up(M, 16), K4 = ceil_div(K, 4), nb = a.nb, B4 = a.B / 4;
+  const size_t xbytes = sizeof(int32_t) * (size_t)(K4 * Mp), cbytes = sizeof(int32_t) * (size_t)(nb * Mp);
+  char *mem = static_cast<char *>(scratch(3, xbytes + 2 * cbytes + 64));
+  int32_t *xT = reinterpret_cast<int32_t *>(mem);
+  int32_t *corr = reinterpret_cast<int32_t *>(mem + xbytes);
+  float *sxT = reinterpret_cast<float *>(mem + xbytes + cbytes);
+  parallel_tasks(Mp / 16, [&](int64_t t) {
+    const int64_t m0 = t * 16;
+    for (int64_t k4 = 0; k4 < K4; ++k4)
+      for (int64_t m = m0; m < m0 + 16; ++m) {
+        int32_t v = 0;
+        if (m < M) __builtin_memcpy(&v, a.q + m * a.Kp + 4 * k4, 4);
+        xT[k4 * Mp + m] = v;
+      }
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t m = m0; m < m0 + 16; ++m) {
+        corr[b * Mp + m] = m < M ? -128 * a.qsum[m * nb + b] : 0;
+        sxT[b * Mp + m] = m < M ? a.s[m * nb + b] : 0.f;
+      }
+  });
+  int8_t lv[16];
+  alignas(16) uint8_t lut_bytes[16];
+  if (w4) {
+    code_levels(w4->code, lv);
+    for (int i = 0; i < 16; ++i) lut_bytes[i] = (uint8_t)(lv[i] + 128);
+  }
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i *>(lut_bytes)));
+  const int64_t ldw = round_up(K4 * 4, 64);
+  const int64_t per_task = imax(kI8NR, round_up(ceil_div(N, 8 * num_threads()), kI8NR));
+  parallel_tasks(ceil_div(N, per_task), [&](int64_t t) {
+    const int64_t n0 = t * per_task, n1 = imin(N, n0 + per_task);
+    uint8_t *wu8 = static_cast<uint8_t *>(scratch(0, (size_t)(kI8NR * ldw) + sizeof(float) * (size_t)(kI8NR * nb)));
+    float *ws = reinterpret_cast<float *>(wu8 + kI8NR * ldw);
+    for (int64_t n = n0; n < n1; n += kI8NR) {
+      const int rc = (int)imin(kI8NR, n1 - n);
+      for (int r = 0; r < kI8NR; ++r) {
+        const int64_t nn = n + (r < rc ? r : 0);
+        uint8_t *out = wu8 + r * ldw;
+        if (w4) {  // K % 32 == 0 here (aligned layout, blocksize >= 32)
+          const uint8_t *row = w4->packed + nn * (K / 2);
+          for (int64_t i = 0; i < K / 32; ++i) {
+            const __m256i w16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + 16 * i)));
+            const __m256i idx = _mm256_or_si256(_mm256_srli_epi16(w16, 4),
+                                                _mm256_slli_epi16(_mm256_and_si256(w16, _mm256_set1_epi16(0x0F)), 8));
+            _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + 32 * i), _mm256_shuffle_epi8(lut, idx));
+          }
+        } else {
+          const int8_t *row = w8->q + nn * K;
+          int64_t k = 0;
+          for (; k + 64 <= K; k += 64)
+            _mm512_storeu_si512(out + k, _mm512_xor_si512(_mm512_loadu_si512(row + k), _mm512_set1_epi8((char)0x80)));
+          for (; k < K; ++k) out[k] = (uint8_t)(row[k] ^ (int8_t)0x80);
+        }
+        for (int64_t k = K; k < K4 * 4; ++k) out[k] = 0x80;
+        for (int64_t b = 0; b < nb; ++b) ws[r * nb + b] = i8_wscale(w4, w8, nn, b);
+      }
+      int64_t m0 = 0;
+      for (; m0 + 64 <= Mp; m0 += 64) i8_tile<4>(xT, corr, sxT, Mp, m0, M, K4, B4, nb, wu8, ldw, ws, n, rc, N, y);
+      for (; m0 + 32 <= Mp; m0 += 32) i8_tile<2>(xT, corr, sxT, Mp, m0, M, K4, B4, nb, wu8, ldw, ws, n, rc, N, y);
+      if (m0 < Mp) i8_tile<1>(xT, corr, sxT, Mp, m0, M, K4, B4, nb, wu8, ldw, ws, n, rc, N, y);
+    }
+  });
+}
+
 bool fast_linear4bit(const float *x, int64_t M, const W4 &w, const float *bias, float *y) {
   const bool pow2 = (w.bs & (w.bs - 1)) == 0;
   if (M < 1 || M > 4 || w.N < 1 || w.block_offset || w.K % 128 || !pow2 || w.bs < 32 || w.K % w.bs) return false;
