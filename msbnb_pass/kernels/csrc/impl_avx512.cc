@@ -365,7 +365,7 @@ void i8_tile(const int32_t *xT, const int32_t *corr, const float *sxT, int64_t M
       const __m512 sv = _mm512_loadu_ps(sxT + b * Mp + m0 + 16 * v);
       for (int j = 0; j < kI8NR; ++j) {
         const __m512 s = _mm512_mul_ps(sv, _mm512_set1_ps(ws[j * nb + b]));
-        facc[j][v] = _mm512_add_ps(facc[j][v], _mm512_mul_ps(_mm512_cvtepi32_ps(ia[j][v]), s));
+        facc[j][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[j][v]), s, facc[j][v]);
       }
     }
   }
@@ -379,6 +379,81 @@ void i8_tile(const int32_t *xT, const int32_t *corr, const float *sxT, int64_t M
       }
     }
 }
+
+// VPDPBUSD with the accumulator updated in place: with the intrinsic, GCC 12 copies all 16 accumulators of
+// the tile below on every iteration of its inner loop (it does not coalesce the tied operand).
+inline __m512i dpbusd_inplace(__m512i acc, __m512i u8, __m512i s8) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+
+// The main tile, 4 weight rows x 64 rows of x, written out with named accumulators.
+#define MSBNB_I8_ROW(j, v0, v1, v2, v3)                                           \
+  {                                                                              \
+    int32_t wd;                                                                  \
+    __builtin_memcpy(&wd, wu8 + (j) * ldw + 4 * k4, 4);                          \
+    const __m512i wb = _mm512_set1_epi32(wd);                                    \
+    v0 = dpbusd_inplace(v0, wb, x0);                                        \
+    v1 = dpbusd_inplace(v1, wb, x1);                                        \
+    v2 = dpbusd_inplace(v2, wb, x2);                                        \
+    v3 = dpbusd_inplace(v3, wb, x3);                                        \
+  }
+#define MSBNB_I8_ACC(j, v, acc, c, sv)                                                                        \
+  _mm512_store_ps(fmem[j][v], _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc, c)), _mm512_mul_ps(sv, wsj), \
+                                              _mm512_load_ps(fmem[j][v])));
+#define MSBNB_I8_FLUSH(j, v0, v1, v2, v3)                                                          \
+  {                                                                                               \
+    const __m512 wsj = _mm512_set1_ps(ws[(j) * nb + b]);                                          \
+    MSBNB_I8_ACC(j, 0, v0, c0, s0)                                                                 \
+    MSBNB_I8_ACC(j, 1, v1, c1, s1)                                                                 \
+    MSBNB_I8_ACC(j, 2, v2, c2, s2)                                                                 \
+    MSBNB_I8_ACC(j, 3, v3, c3, s3)                                                                 \
+  }
+
+void i8_tile44(const int32_t *xT, const int32_t *corr, const float *sxT, int64_t Mp, int64_t m0, int64_t M,
+               int64_t K4, int64_t B4, int64_t nb, const uint8_t *wu8, int64_t ldw, const float *ws, int64_t n, int rc,
+               int64_t N, float *y) {
+  alignas(64) float fmem[4][4][16];  // float accumulators, touched once per block: kept in memory
+  for (int j = 0; j < 4; ++j)
+    for (int v = 0; v < 4; ++v) _mm512_store_ps(fmem[j][v], _mm512_setzero_ps());
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t k4a = b * B4, k4b = imin(K4, k4a + B4);
+    const int32_t *cb = corr + b * Mp + m0;
+    // zero-initialised (starting them at c0..c3 makes GCC copy every accumulator each iteration); the
+    // correction is added when the block is flushed
+    __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00;
+    __m512i a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+    for (int64_t k4 = k4a; k4 < k4b; ++k4) {
+      const int32_t *xp = xT + k4 * Mp + m0;
+      const __m512i x0 = _mm512_loadu_si512(xp), x1 = _mm512_loadu_si512(xp + 16), x2 = _mm512_loadu_si512(xp + 32),
+                    x3 = _mm512_loadu_si512(xp + 48);
+      MSBNB_I8_ROW(0, a00, a01, a02, a03)
+      MSBNB_I8_ROW(1, a10, a11, a12, a13)
+      MSBNB_I8_ROW(2, a20, a21, a22, a23)
+      MSBNB_I8_ROW(3, a30, a31, a32, a33)
+    }
+    const __m512i c0 = _mm512_loadu_si512(cb), c1 = _mm512_loadu_si512(cb + 16), c2 = _mm512_loadu_si512(cb + 32),
+                  c3 = _mm512_loadu_si512(cb + 48);
+    const float *sb = sxT + b * Mp + m0;
+    const __m512 s0 = _mm512_loadu_ps(sb), s1 = _mm512_loadu_ps(sb + 16), s2 = _mm512_loadu_ps(sb + 32),
+                 s3 = _mm512_loadu_ps(sb + 48);
+    MSBNB_I8_FLUSH(0, a00, a01, a02, a03)
+    MSBNB_I8_FLUSH(1, a10, a11, a12, a13)
+    MSBNB_I8_FLUSH(2, a20, a21, a22, a23)
+    MSBNB_I8_FLUSH(3, a30, a31, a32, a33)
+  }
+  alignas(64) float tmp[16];
+  (void)tmp;
+  for (int j = 0; j < rc; ++j)
+    for (int v = 0; v < 4; ++v)
+      for (int l = 0; l < 16; ++l) {
+        const int64_t m = m0 + 16 * v + l;
+        if (m < M) y[m * N + n + j] = fmem[j][v][l];
+      }
+}
+#undef MSBNB_I8_ACC
+#undef MSBNB_I8_ROW
+#undef MSBNB_I8_FLUSH
 
 void i8_gemm(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const W8 *w8, float *y) {
   const int64_t Mp = round_up(M, 16), K4 = ceil_div(K, 4), nb = a.nb, B4 = a.B / 4;
@@ -408,6 +483,7 @@ void i8_gemm(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const
     for (int i = 0; i < 16; ++i) lut_bytes[i] = (uint8_t)(lv[i] + 128);
   }
   const __m256i lut = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i *>(lut_bytes)));
+  const __m512i lut512 = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i *>(lut_bytes)));
   const int64_t ldw = round_up(K4 * 4, 64);
   const int64_t per_task = imax(kI8NR, round_up(ceil_div(N, 8 * num_threads()), kI8NR));
   parallel_tasks(ceil_div(N, per_task), [&](int64_t t) {
@@ -421,7 +497,14 @@ void i8_gemm(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const
         uint8_t *out = wu8 + r * ldw;
         if (w4) {  // K % 32 == 0 here (aligned layout, blocksize >= 32)
           const uint8_t *row = w4->packed + nn * (K / 2);
-          for (int64_t i = 0; i < K / 32; ++i) {
+          int64_t i = 0;
+          for (; i + 2 <= K / 32; i += 2) {  // 64 codes per step
+            const __m512i w16 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(row + 16 * i)));
+            const __m512i idx = _mm512_or_si512(_mm512_srli_epi16(w16, 4),
+                                                _mm512_slli_epi16(_mm512_and_si512(w16, _mm512_set1_epi16(0x0F)), 8));
+            _mm512_storeu_si512(out + 32 * i, _mm512_shuffle_epi8(lut512, idx));
+          }
+          for (; i < K / 32; ++i) {
             const __m256i w16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + 16 * i)));
             const __m256i idx = _mm256_or_si256(_mm256_srli_epi16(w16, 4),
                                                 _mm256_slli_epi16(_mm256_and_si256(w16, _mm256_set1_epi16(0x0F)), 8));
@@ -438,7 +521,7 @@ void i8_gemm(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const
         for (int64_t b = 0; b < nb; ++b) ws[r * nb + b] = i8_wscale(w4, w8, nn, b);
       }
       int64_t m0 = 0;
-      for (; m0 + 64 <= Mp; m0 += 64) i8_tile<4>(xT, corr, sxT, Mp, m0, M, K4, B4, nb, wu8, ldw, ws, n, rc, N, y);
+      for (; m0 + 64 <= Mp; m0 += 64) i8_tile44(xT, corr, sxT, Mp, m0, M, K4, B4, nb, wu8, ldw, ws, n, rc, N, y);
       for (; m0 + 32 <= Mp; m0 += 32) i8_tile<2>(xT, corr, sxT, Mp, m0, M, K4, B4, nb, wu8, ldw, ws, n, rc, N, y);
       if (m0 < Mp) i8_tile<1>(xT, corr, sxT, Mp, m0, M, K4, B4, nb, wu8, ldw, ws, n, rc, N, y);
     }
