@@ -105,6 +105,40 @@ def weight_bytes(layer) -> int:
 
 def time_chain(layers, x, reps: int) -> float:
     """Median seconds per layer of one jit call that runs every layer on ``x``."""
+    run = chain_runner(layers)
+    run(x).asnumpy()  # compile + warm up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        run(x).asnumpy()
+        times.append((time.perf_counter() - start) / len(layers))
+    return statistics.median(times)
+
+
+def interleaved(layer_sets: dict, inputs: dict, reps: int) -> dict[str, tuple[float, float | None]]:
+    """Every variant once per round, ``reps`` rounds: {variant: (median s/layer, median of the per-round
+    ratios fp32 time / variant time)}. On a shared machine whose load changes within seconds, the ratio of
+    two calls made back to back is steadier than the ratio of two separate medians."""
+    runners = {v: chain_runner(layers) for v, (layers, _) in layer_sets.items()}
+    for v, run in runners.items():
+        run(inputs[v]).asnumpy()  # compile + warm up
+    times: dict[str, list[float]] = {v: [] for v in runners}
+    for _ in range(reps):
+        for v, run in runners.items():
+            start = time.perf_counter()
+            run(inputs[v]).asnumpy()
+            times[v].append((time.perf_counter() - start) / len(layer_sets[v][0]))
+    out = {}
+    for v, ts in times.items():
+        ratio = None
+        if "fp32" in times:
+            ratio = statistics.median(f / t for f, t in zip(times["fp32"], ts, strict=True))
+        out[v] = (statistics.median(ts), ratio)
+    return out
+
+
+def chain_runner(layers):
+    """A jit function running every layer on its input and summing the outputs."""
     import mindspore as ms
     from mindspore import nn
 
@@ -125,13 +159,7 @@ def time_chain(layers, x, reps: int) -> float:
     def run(inp):
         return chain(inp)
 
-    run(x).asnumpy()  # compile + warm up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        run(x).asnumpy()
-        times.append((time.perf_counter() - start) / len(layers))
-    return statistics.median(times)
+    return run
 
 
 def input_for(M: int, K: int, variant: str, rng: np.random.Generator):
@@ -196,6 +224,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="kernel threads (default: the library's)")
     parser.add_argument("--bnb-python", help="an interpreter with torch + bitsandbytes to add their CPU layers")
     parser.add_argument("--quick", action="store_true", help="4096x4096, M in {1, 32}")
+    parser.add_argument(
+        "--interleave", action="store_true", help="time all variants in rounds; ratio = median per-round ratio"
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
 
@@ -240,10 +271,17 @@ def main(argv=None) -> int:
             layer_sets[variant] = (make_layers(variant, K, N, count, rng), weight_bytes(probe))
         for M in ms_list:
             fp32_time = None
+            mixed = {}
+            if args.interleave:
+                mixed = interleaved(layer_sets, {v: input_for(M, K, v, rng) for v in variants}, args.reps)
             for variant in variants:
                 layers, wbytes = layer_sets[variant]
-                t = time_chain(layers, input_for(M, K, variant, rng), args.reps)
-                if variant == "fp32":
+                if args.interleave:
+                    t, ratio_v = mixed[variant]
+                    fp32_time = t * ratio_v if ratio_v else None  # so that fp32_time / t is the median ratio
+                else:
+                    t = time_chain(layers, input_for(M, K, variant, rng), args.reps)
+                if variant == "fp32" and not args.interleave:
                     fp32_time = t
                 row = {
                     "K": K,

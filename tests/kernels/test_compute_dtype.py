@@ -273,3 +273,23 @@ def test_from_dense_and_configs_choose_the_compute(ms_cpu):
         Int8Config(threshold=6.0, compute_dtype="bfloat16")
     with pytest.raises(ValueError, match="compute_dtype='int8' needs symmetric=True"):
         Int4Config(symmetric=False, compute_dtype="int8")
+
+
+# ---- the float32 kernels' wide paths (M >= 16: rows of x in the vector lanes; dx register blocks) ------------------
+@pytest.mark.skipif(not CPU, reason="kernel library not built")
+@pytest.mark.parametrize("isa", isa_params(), indirect=True)
+@pytest.mark.parametrize(("kind", "n", "k"), [("nf4-dq-64", 20, 128), ("int4-32", 36, 70), ("int8", 20, 301)])
+def test_float32_wide_paths(ms_cpu, isa, kind, n, k):
+    """M = 300 crosses the 256-row block of the wide GEMM and ends in partial tiles; N = 20/36 ends in partial
+    groups of weight rows. Forward and dx within Higham's bound gamma_(K+3) (resp. gamma_(N+3)) * |a| @ |b|."""
+    layer = make(kind, n, k, "float32")
+    rng = np.random.default_rng(n + k)
+    x = rng.standard_normal((300, k)).astype(np.float32)
+    check_against_kernel_reference(layer, x)
+    g = rng.standard_normal((300, n)).astype(np.float32)
+    gt = Tensor(g)
+    dx = ms.grad(lambda xx: (layer(xx) * gt).sum())(Tensor(x)).asnumpy()
+    W = layer.dequantized_weight().astype(np.float64)
+    want = g.astype(np.float64) @ W
+    bound = gamma(n + 3) * (np.abs(g.astype(np.float64)) @ np.abs(W)) + 1e-30
+    assert np.all(np.abs(dx - want) <= bound)
