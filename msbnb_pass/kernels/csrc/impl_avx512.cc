@@ -455,7 +455,22 @@ void i8_tile44(const int32_t *xT, const int32_t *corr, const float *sxT, int64_t
 #undef MSBNB_I8_ROW
 #undef MSBNB_I8_FLUSH
 
+void i8_gemm_rows(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const W8 *w8, float *y);
+
+// Blocks of 128 rows of x, so that the transposed activations of a block (K/4 x 128 dwords: 512 KB at
+// K = 4096) stay in L2 while every weight row passes over them; the weights are decoded once per block.
+constexpr int64_t kI8MB = 128;
 void i8_gemm(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const W8 *w8, float *y) {
+  for (int64_t mb0 = 0; mb0 < M; mb0 += kI8MB) {
+    ActQ part = a;
+    part.q = a.q + mb0 * a.Kp;
+    part.s = a.s + mb0 * a.nb;
+    part.qsum = a.qsum + mb0 * a.nb;
+    i8_gemm_rows(part, imin(kI8MB, M - mb0), K, N, w4, w8, y + mb0 * N);
+  }
+}
+
+void i8_gemm_rows(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const W8 *w8, float *y) {
   const int64_t Mp = round_up(M, 16), K4 = ceil_div(K, 4), nb = a.nb, B4 = a.B / 4;
   const size_t xbytes = sizeof(int32_t) * (size_t)(K4 * Mp), cbytes = sizeof(int32_t) * (size_t)(nb * Mp);
   char *mem = static_cast<char *>(scratch(3, xbytes + 2 * cbytes + 64));
