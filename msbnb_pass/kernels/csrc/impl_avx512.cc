@@ -455,12 +455,100 @@ void i8_tile44(const int32_t *xT, const int32_t *corr, const float *sxT, int64_t
 #undef MSBNB_I8_ROW
 #undef MSBNB_I8_FLUSH
 
+// One weight row as unsigned int8 levels (level + 128): 4-bit codes through a vpshufb table, int8 codes xor 0x80.
+void decode_u8_row(const W4 *w4, const W8 *w8, __m256i lut, __m512i lut512, int64_t nn, int64_t K, uint8_t *out) {
+  if (w4) {  // K % 32 == 0 here (aligned layout, blocksize >= 32)
+    const uint8_t *row = w4->packed + nn * (K / 2);
+    int64_t i = 0;
+    for (; i + 2 <= K / 32; i += 2) {  // 64 codes per step
+      const __m512i w16 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(row + 16 * i)));
+      const __m512i idx = _mm512_or_si512(_mm512_srli_epi16(w16, 4),
+                                          _mm512_slli_epi16(_mm512_and_si512(w16, _mm512_set1_epi16(0x0F)), 8));
+      _mm512_storeu_si512(out + 32 * i, _mm512_shuffle_epi8(lut512, idx));
+    }
+    for (; i < K / 32; ++i) {
+      const __m256i w16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + 16 * i)));
+      const __m256i idx = _mm256_or_si256(_mm256_srli_epi16(w16, 4),
+                                          _mm256_slli_epi16(_mm256_and_si256(w16, _mm256_set1_epi16(0x0F)), 8));
+      _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + 32 * i), _mm256_shuffle_epi8(lut, idx));
+    }
+  } else {
+    const int8_t *row = w8->q + nn * K;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64)
+      _mm512_storeu_si512(out + k, _mm512_xor_si512(_mm512_loadu_si512(row + k), _mm512_set1_epi8((char)0x80)));
+    for (; k < K; ++k) out[k] = (uint8_t)(row[k] ^ (int8_t)0x80);
+  }
+}
+
+// Sums of the 16 lanes of each of 16 vectors, as one vector (lane j = sum of v[j]); exact in int32.
+inline __m512i hsum16(const __m512i *v) {
+  __m512i t[8], u[4];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]), _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
+  const __m512i w0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88), _mm512_shuffle_i32x4(u[0], u[1], 0xDD));
+  const __m512i w1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x88), _mm512_shuffle_i32x4(u[2], u[3], 0xDD));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(w0, w1, 0x88), _mm512_shuffle_i32x4(w0, w1, 0xDD));
+}
+
+// Small M (1 to 4 rows of x): 16 weight rows in the lanes of the float accumulator. Per block, one vpdpbusd per
+// weight row and 64 codes (k in the lanes), the 16 rows' sums gathered by hsum16, then the same per-block float
+// steps as i8_gemm_generic, lane by lane (so the results are the same bits). Needs blocks of 64k elements.
+void i8_small(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const W8 *w8, float *y) {
+  const int64_t nb = a.nb, B = a.B, ldw = round_up(K, 64);
+  int8_t lv[16];
+  alignas(16) uint8_t lut_bytes[16] = {0};
+  if (w4) {
+    code_levels(w4->code, lv);
+    for (int i = 0; i < 16; ++i) lut_bytes[i] = (uint8_t)(lv[i] + 128);
+  }
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i *>(lut_bytes)));
+  const __m512i lut512 = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i *>(lut_bytes)));
+  const int64_t groups = ceil_div(N, 16);
+  const int64_t per_task = imax(1, ceil_div(groups, 8 * num_threads()));
+  parallel_tasks(ceil_div(groups, per_task), [&](int64_t t) {
+    uint8_t *wu8 = static_cast<uint8_t *>(scratch(0, (size_t)(16 * ldw) + sizeof(float) * (size_t)(16 * nb) + 64));
+    float *wsT = reinterpret_cast<float *>(wu8 + 16 * ldw);  // [nb][16]
+    for (int64_t g = t * per_task; g < imin(groups, (t + 1) * per_task); ++g) {
+      const int64_t n0 = g * 16;
+      const int rc = (int)imin(16, N - n0);
+      for (int r = 0; r < 16; ++r) {
+        const int64_t nn = n0 + (r < rc ? r : 0);
+        decode_u8_row(w4, w8, lut, lut512, nn, K, wu8 + r * ldw);
+        for (int64_t b = 0; b < nb; ++b) wsT[b * 16 + r] = i8_wscale(w4, w8, nn, b);
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t *xq = a.q + m * a.Kp;
+        __m512 facc = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; ++b) {
+          const int64_t k0 = b * B, k1 = imin(K, k0 + B);
+          __m512i v[16];
+          for (int r = 0; r < 16; ++r) v[r] = _mm512_setzero_si512();
+          for (int64_t k = k0; k < k1; k += 64) {
+            const __m512i xv = _mm512_loadu_si512(xq + k);
+            for (int r = 0; r < 16; ++r) v[r] = dpbusd_inplace(v[r], _mm512_loadu_si512(wu8 + r * ldw + k), xv);
+          }
+          const __m512i dot = _mm512_add_epi32(hsum16(v), _mm512_set1_epi32(-128 * a.qsum[m * nb + b]));
+          const __m512 s = _mm512_mul_ps(_mm512_set1_ps(a.s[m * nb + b]), _mm512_loadu_ps(wsT + b * 16));
+          facc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, facc);
+        }
+        alignas(64) float out[16];
+        _mm512_store_ps(out, facc);
+        for (int r = 0; r < rc; ++r) y[m * N + n0 + r] = out[r];
+      }
+    }
+  });
+}
+
 void i8_gemm_rows(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const W8 *w8, float *y);
 
 // Blocks of 128 rows of x, so that the transposed activations of a block (K/4 x 128 dwords: 512 KB at
 // K = 4096) stay in L2 while every weight row passes over them; the weights are decoded once per block.
 constexpr int64_t kI8MB = 128;
 void i8_gemm(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const W8 *w8, float *y) {
+  if (M <= 4 && a.B % 64 == 0 && K % 64 == 0) return i8_small(a, M, K, N, w4, w8, y);
   for (int64_t mb0 = 0; mb0 < M; mb0 += kI8MB) {
     ActQ part = a;
     part.q = a.q + mb0 * a.Kp;
@@ -510,28 +598,7 @@ void i8_gemm_rows(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, 
       for (int r = 0; r < kI8NR; ++r) {
         const int64_t nn = n + (r < rc ? r : 0);
         uint8_t *out = wu8 + r * ldw;
-        if (w4) {  // K % 32 == 0 here (aligned layout, blocksize >= 32)
-          const uint8_t *row = w4->packed + nn * (K / 2);
-          int64_t i = 0;
-          for (; i + 2 <= K / 32; i += 2) {  // 64 codes per step
-            const __m512i w16 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(row + 16 * i)));
-            const __m512i idx = _mm512_or_si512(_mm512_srli_epi16(w16, 4),
-                                                _mm512_slli_epi16(_mm512_and_si512(w16, _mm512_set1_epi16(0x0F)), 8));
-            _mm512_storeu_si512(out + 32 * i, _mm512_shuffle_epi8(lut512, idx));
-          }
-          for (; i < K / 32; ++i) {
-            const __m256i w16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + 16 * i)));
-            const __m256i idx = _mm256_or_si256(_mm256_srli_epi16(w16, 4),
-                                                _mm256_slli_epi16(_mm256_and_si256(w16, _mm256_set1_epi16(0x0F)), 8));
-            _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + 32 * i), _mm256_shuffle_epi8(lut, idx));
-          }
-        } else {
-          const int8_t *row = w8->q + nn * K;
-          int64_t k = 0;
-          for (; k + 64 <= K; k += 64)
-            _mm512_storeu_si512(out + k, _mm512_xor_si512(_mm512_loadu_si512(row + k), _mm512_set1_epi8((char)0x80)));
-          for (; k < K; ++k) out[k] = (uint8_t)(row[k] ^ (int8_t)0x80);
-        }
+        decode_u8_row(w4, w8, lut, lut512, nn, K, out);
         for (int64_t k = K; k < K4 * 4; ++k) out[k] = 0x80;
         for (int64_t b = 0; b < nb; ++b) ws[r * nb + b] = i8_wscale(w4, w8, nn, b);
       }
