@@ -26,9 +26,13 @@ logger = logging.getLogger(__name__)
 
 BNB_QUANT_TYPES = ("fp4", "nf4")
 QUANT_TYPES_4BIT = ("nf4", "fp4", "int4")
-# Compute dtypes whose matmuls MindSpore 2.10 runs on CPU (bf16 MatMul/Dense are unsupported there).
-CPU_COMPUTE_DTYPES = ("float32", "float16")
-KNOWN_COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+# Compute dtypes of the quantized layers (MindSpore 2.10 has no bf16 MatMul on CPU: bfloat16 runs in the
+# library's own kernels, AVX512-BF16 vdpbf16ps or its exact emulation). "int8" (activations quantized to int8
+# on the fly, W4A8/W8A8) is this library's opt-in: the seed configs accept it; BitsAndBytesConfig does not,
+# since transformers could not read such a config back.
+CPU_COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16", "int8")
+KNOWN_COMPUTE_DTYPES = CPU_COMPUTE_DTYPES
 QUANT_STORAGE_DTYPES = ("float16", "float32", "int8", "uint8", "float64", "bfloat16")
 DEFAULT_SKIP_MODULES = ("lm_head",)
 
@@ -77,16 +81,15 @@ def _check_threshold(name: str, value: Any) -> float:
     return value
 
 
-def _check_compute_dtype(name: str, value: Any) -> str:
+def _check_compute_dtype(name: str, value: Any, accepted: tuple[str, ...] = CPU_COMPUTE_DTYPES) -> str:
     dtype = dtype_to_str(value)
-    if dtype == "bfloat16":
-        raise ConfigError(
-            f"{name}='bfloat16' cannot run on MindSpore's CPU backend (bf16 MatMul/Dense are unsupported there); "
-            f"accepted: {CPU_COMPUTE_DTYPES}. For a config read from a checkpoint, override it: "
-            f"BitsAndBytesConfig.from_dict(d, bnb_4bit_compute_dtype='float32')"
+    if dtype not in accepted:
+        hint = (
+            " (int8 activations are this library's opt-in: use Int4Config/Int8Config(compute_dtype='int8'))"
+            if dtype == "int8" and "int8" not in accepted
+            else ""
         )
-    if dtype not in CPU_COMPUTE_DTYPES:
-        raise ConfigError(f"{name} must be one of {CPU_COMPUTE_DTYPES}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {accepted}, got {value!r}{hint}")
     return dtype
 
 
@@ -142,7 +145,9 @@ class BitsAndBytesConfig:
         llm_int8_enable_fp32_cpu_offload: transformers' GPU/CPU split; everything here runs on CPU
             already, so it only round-trips.
         llm_int8_has_fp16_weight: keep float weights next to the int8 ones (fine-tuning LLM.int8 layers).
-        bnb_4bit_compute_dtype: dtype of the 4-bit matmul (float32 or float16 on CPU).
+        bnb_4bit_compute_dtype: dtype of the 4-bit matmul: float32, float16 or bfloat16 (products of
+            bf16-rounded operands summed in float32; input and output keep their dtype). Given as a string
+            (also torch-style "torch.bfloat16") or a MindSpore/numpy/torch dtype.
         bnb_4bit_quant_type: "fp4" (transformers' default) or "nf4" (QLoRA).
         bnb_4bit_use_double_quant: quantize the absmax statistics again (about 0.37 bits per weight saved).
         bnb_4bit_quant_storage: dtype transformers packs 4-bit weights into; kept for the JSON, the
@@ -343,7 +348,8 @@ class QuantConfig:
         has_fp16_weights: 8-bit only: keep float weights for training (the seed's training mode).
         llm_int8: 8-bit only: quantize activations too (LLM.int8(), ``Linear8bitLt``) instead of the
             weight-only ``Linear8bit``. Defaults to ``threshold > 0``.
-        compute_dtype: dtype of the matmul ("float32" or "float16").
+        compute_dtype: how the quantized matmul computes: "float32", "float16", "bfloat16" or "int8"
+            (activations quantized to int8 on the fly, W4A8 / W8A8; weight-only layers only, symmetric).
         modules_to_not_convert: module names kept in full precision (added to the default ``lm_head``).
     """
 
@@ -366,7 +372,7 @@ class QuantConfig:
             _check_bool(name, getattr(self, name))
         self.group_size = _check_group_size("group_size", self.group_size)
         self.threshold = _check_threshold("threshold", self.threshold)
-        self.compute_dtype = _check_compute_dtype("compute_dtype", self.compute_dtype)
+        self.compute_dtype = _check_compute_dtype("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         self.modules_to_not_convert = _check_modules("modules_to_not_convert", self.modules_to_not_convert)
         if self.bits == 8:
             if self.quant_type is None:
@@ -376,6 +382,15 @@ class QuantConfig:
             if self.llm_int8 is None:
                 self.llm_int8 = self.threshold > 0
             _check_bool("llm_int8", self.llm_int8)
+            if self.llm_int8 and self.compute_dtype != "float32":
+                raise ConfigError(
+                    "LLM.int8() (llm_int8=True or threshold > 0) fixes its own compute (int8 x int8, float "
+                    f"outliers); compute_dtype must be 'float32', got {self.compute_dtype!r}"
+                )
+            if self.compute_dtype == "int8" and not self.symmetric:
+                raise ConfigError(
+                    "compute_dtype='int8' needs symmetric=True (asymmetric int8 weights are not supported)"
+                )
             if self.llm_int8 and not (self.symmetric and self.per_channel):
                 raise ConfigError(
                     "LLM.int8() (llm_int8=True or threshold > 0) is symmetric and per-channel; got "
@@ -388,6 +403,8 @@ class QuantConfig:
                 raise ConfigError(f"quant_type for bits=4 must be one of {QUANT_TYPES_4BIT}, got {self.quant_type!r}")
             if not self.symmetric and self.quant_type != "int4":
                 raise ConfigError(f"symmetric=False is only defined for quant_type='int4', got {self.quant_type!r}")
+            if self.compute_dtype == "int8" and not self.symmetric:
+                raise ConfigError("compute_dtype='int8' needs symmetric=True (asymmetric int4 is not supported)")
             if self.llm_int8:
                 raise ConfigError("llm_int8=True needs bits=8")
             self.llm_int8 = False

@@ -33,6 +33,8 @@ def rules_for_config(config: BitsAndBytesConfig | QuantConfig, backend: str | No
         family, params = "llm_int8", {"threshold": quant.threshold, "has_fp16_weights": quant.has_fp16_weights}
     elif quant.bits == 8:
         family, params = "int8", {"symmetric": quant.symmetric, "per_channel": quant.per_channel}
+        if quant.compute_dtype != "float32":
+            params["compute_dtype"] = quant.compute_dtype
     else:
         family = quant.quant_type if quant.quant_type in ("nf4", "fp4", "int4") else "int4"
         params = {

@@ -220,6 +220,12 @@ def _check_layer(match: Match, view, layer: nn.Cell, x: np.ndarray, probe: str, 
         w_rows = formats.int8_vectorwise_dequant(layer.weight.asnumpy()[rows], layer.SCB.asnumpy()[rows])
         tol = np.abs(x.astype(np.float64)) @ np.abs(w_rows.T) * 8 * 2.0**-24 + np.abs(ref) * 4 * 2.0**-24 + 1e-30
         ratio = float((np.abs(y_q_pre[:, rows] - ref) / tol).max())
+    elif getattr(layer, "compute_mode", "float32") != "float32":  # bfloat16 / int8 compute: their own oracle
+        ref, tol = layer.kernel_reference(x, rows)
+        if view.bias is not None:
+            ref = ref + view.bias[rows]
+            tol = tol + np.abs(ref) * 2.0**-24
+        ratio = float((np.abs(y_q_pre[:, rows] - ref) / tol).max()) if ref.size else 0.0
     else:
         w_rows = layer.dequantized_rows(rows)
         ratio = fp32_worst_ratio(x, w_rows, y_q_pre[:, rows], None if view.bias is None else view.bias[rows])

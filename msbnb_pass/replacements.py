@@ -24,7 +24,7 @@ from .formats._checks import VALID_BLOCKSIZES
 from .formats.codebooks import QUANT_TYPES_4BIT
 
 BACKENDS = ("cpu", "reference")
-COMPUTE_DTYPES = ("float32", "float16")
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16", "int8")
 
 
 @dataclass
@@ -115,12 +115,17 @@ def _validate_4bit(p: Mapping[str, Any]) -> None:
     _bool("symmetric", p["symmetric"])
     if not p["symmetric"] and p["quant_type"] != "int4":
         raise ValueError(f"rewrite.symmetric = false is only defined for quant_type 'int4', got {p['quant_type']!r}")
+    if p["compute_dtype"] == "int8" and not p["symmetric"]:
+        raise ValueError("rewrite.compute_dtype = 'int8' needs symmetric = true (asymmetric int4 is not supported)")
     _backend(p["backend"])
 
 
 def _validate_8bit(p: Mapping[str, Any]) -> None:
     for key in ("symmetric", "per_channel", "has_fp16_weights"):
         _bool(key, p[key])
+    _one_of("compute_dtype", p["compute_dtype"], COMPUTE_DTYPES)
+    if p["compute_dtype"] == "int8" and not p["symmetric"]:
+        raise ValueError("rewrite.compute_dtype = 'int8' needs symmetric = true (asymmetric int8 is not supported)")
     _backend(p["backend"])
 
 
@@ -160,7 +165,7 @@ def linear4bit(view: LinearView, quant_type, blocksize, double_quant, compute_dt
     )
 
 
-def linear8bit(view: LinearView, symmetric, per_channel, has_fp16_weights, backend):
+def linear8bit(view: LinearView, symmetric, per_channel, has_fp16_weights, backend, compute_dtype="float32"):
     from .nn import Linear8bit
 
     return _from_view(
@@ -169,6 +174,7 @@ def linear8bit(view: LinearView, symmetric, per_channel, has_fp16_weights, backe
         has_fp16_weights=has_fp16_weights,
         symmetric=symmetric,
         per_channel=per_channel,
+        compute_dtype=compute_dtype,
         backend=backend,
     )
 
@@ -198,7 +204,13 @@ BUILTIN_REPLACEMENTS: Mapping[str, Replacement] = MappingProxyType(
         "linear8bit": Replacement(
             "linear8bit",
             linear8bit,
-            {"symmetric": True, "per_channel": True, "has_fp16_weights": False, "backend": None},
+            {
+                "symmetric": True,
+                "per_channel": True,
+                "has_fp16_weights": False,
+                "compute_dtype": "float32",
+                "backend": None,
+            },
             _scheme_8bit,
             _validate_8bit,
         ),

@@ -63,10 +63,13 @@ def test_validation_errors():
         BitsAndBytesConfig(llm_int8_threshold=-1.0)
     with pytest.raises(TypeError, match="llm_int8_threshold must be a float >= 0, got '6'"):
         BitsAndBytesConfig(llm_int8_threshold="6")
-    with pytest.raises(ValueError, match="bnb_4bit_compute_dtype='bfloat16' cannot run on MindSpore's CPU backend"):
-        BitsAndBytesConfig(bnb_4bit_compute_dtype="bfloat16")
-    with pytest.raises(ValueError, match=r"bnb_4bit_compute_dtype must be one of \('float32', 'float16'\), got 'int8'"):
+    with pytest.raises(
+        ValueError,
+        match=r"bnb_4bit_compute_dtype must be one of \('float32', 'float16', 'bfloat16'\), got 'int8'.*Int4Config",
+    ):
         BitsAndBytesConfig(bnb_4bit_compute_dtype="int8")
+    with pytest.raises(ValueError, match=r"bnb_4bit_compute_dtype must be one of .*got 'float8'"):
+        BitsAndBytesConfig(bnb_4bit_compute_dtype="float8")
     with pytest.raises(TypeError, match="llm_int8_skip_modules must be a list of module names"):
         BitsAndBytesConfig(llm_int8_skip_modules="lm_head")
     with pytest.raises(TypeError, match="load_in_4bit must be a bool, got 1"):
@@ -75,7 +78,9 @@ def test_validation_errors():
         BitsAndBytesConfig(bnb_4bit_quant_storage="int4")
 
 
-def test_checkpoint_config_with_bf16_compute_can_be_overridden():
+def test_checkpoint_config_with_bf16_compute_is_accepted_and_can_be_overridden():
+    import mindspore as ms
+
     hf = {
         "quant_method": "bitsandbytes",
         "load_in_4bit": True,
@@ -83,8 +88,11 @@ def test_checkpoint_config_with_bf16_compute_can_be_overridden():
         "bnb_4bit_quant_type": "nf4",
         "bnb_4bit_use_double_quant": True,
     }
-    with pytest.raises(ValueError, match="from_dict\\(d, bnb_4bit_compute_dtype='float32'\\)"):
-        BitsAndBytesConfig.from_dict(hf)
+    cfg = BitsAndBytesConfig.from_dict(hf)
+    assert cfg.bnb_4bit_compute_dtype == "bfloat16" and cfg.to_quant_config().compute_dtype == "bfloat16"
+    assert BitsAndBytesConfig.from_json_string(cfg.to_json_string()) == cfg
+    for spelling in ("torch.bfloat16", "bf16", ms.bfloat16):
+        assert BitsAndBytesConfig(bnb_4bit_compute_dtype=spelling).bnb_4bit_compute_dtype == "bfloat16"
     cfg = BitsAndBytesConfig.from_dict(hf, bnb_4bit_compute_dtype="float32")
     assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_compute_dtype == "float32"
     cfg2, unused = BitsAndBytesConfig.from_dict({"load_in_8bit": True, "foo": 1}, return_unused_kwargs=True)

@@ -50,6 +50,7 @@ SECTIONS = ["wide", "stack", "small"]
 # at least this many layers per chain, so the ~1 ms cost of one jit call is spread thin
 MIN_LAYERS = 8
 VARIANTS = ["fp32", "nf4_dq", "fp4_dq", "int4", "int8", "llm_int8_t0", "llm_int8_t6"]
+# also available: any 4-bit or int8 variant with a compute dtype suffix, e.g. nf4_dq@bfloat16, int8@int8
 
 
 def l3_bytes() -> int:
@@ -85,19 +86,21 @@ def make_layers(variant: str, K: int, N: int, count: int, rng: np.random.Generat
     from msbnb_pass import Linear4bit, Linear8bit, Linear8bitLt
 
     W = (rng.standard_normal((N, K), dtype=np.float32) * scale).astype(np.float32)
+    variant, _, compute = variant.partition("@")
+    opts = {"compute_dtype": compute} if compute else {}
     if variant == "fp32":
         return [nn.Dense(K, N, weight_init=Tensor(W.copy()), has_bias=False) for _ in range(count)]
     if variant in ("nf4_dq", "fp4_dq", "int4"):
         qt = {"nf4_dq": "nf4", "fp4_dq": "fp4", "int4": "int4"}[variant]
-        first = Linear4bit(K, N, False, qt, 64, variant != "int4", weight=W)
+        first = Linear4bit(K, N, False, qt, 64, variant != "int4", weight=W, **opts)
         packed, state = first.weight.asnumpy(), first.quant_state
         return [first] + [
-            Linear4bit(K, N, False, qt, 64, variant != "int4", quant_state=state, packed=packed.copy())
+            Linear4bit(K, N, False, qt, 64, variant != "int4", quant_state=state, packed=packed.copy(), **opts)
             for _ in range(count - 1)
         ]
     if variant == "int8":
-        first = Linear8bit(K, N, False, has_fp16_weights=False, weight=W)
-        return [first] + [Linear8bit(K, N, False, has_fp16_weights=False, weight=W) for _ in range(count - 1)]
+        first = Linear8bit(K, N, False, has_fp16_weights=False, weight=W, **opts)
+        return [first] + [Linear8bit(K, N, False, has_fp16_weights=False, weight=W, **opts) for _ in range(count - 1)]
     if variant.startswith("llm_int8"):
         threshold = 0.0 if variant.endswith("t0") else 6.0
         first = Linear8bitLt(K, N, False, threshold=threshold, weight=W)
@@ -114,6 +117,33 @@ def weight_bytes(layer) -> int:
 
 def time_chain(layers, x, reps: int) -> float:
     """Median seconds per layer of one jit call that runs every layer on ``x``."""
+    return median_call_seconds(chain_net(layers), x, reps) / len(layers)
+
+
+def interleaved(layer_sets: dict, inputs: dict, reps: int) -> dict[str, tuple[float, float | None]]:
+    """Every variant once per round, ``reps`` rounds: {variant: (median s/layer, median of the per-round
+    ratios fp32 time / variant time)}. On a shared machine whose load changes within seconds, the ratio of
+    two calls made back to back is steadier than the ratio of two separate medians."""
+    runners = {v: chain_runner(layers) for v, (layers, _) in layer_sets.items()}
+    for v, run in runners.items():
+        run(inputs[v]).asnumpy()  # compile + warm up
+    times: dict[str, list[float]] = {v: [] for v in runners}
+    for _ in range(reps):
+        for v, run in runners.items():
+            start = time.perf_counter()
+            run(inputs[v]).asnumpy()
+            times[v].append((time.perf_counter() - start) / len(layer_sets[v][0]))
+    out = {}
+    for v, ts in times.items():
+        ratio = None
+        if "fp32" in times:
+            ratio = statistics.median(f / t for f, t in zip(times["fp32"], ts, strict=True))
+        out[v] = (statistics.median(ts), ratio)
+    return out
+
+
+def chain_net(layers):
+    """A Cell running every layer on its input and summing the outputs."""
     from mindspore import nn
 
     class Chain(nn.Cell):
@@ -127,17 +157,27 @@ def time_chain(layers, x, reps: int) -> float:
                 y = y + self.blocks[i](inp)
             return y
 
-    return median_call_seconds(Chain(layers), x, reps) / len(layers)
+    return Chain(layers)
 
 
-def median_call_seconds(net, x, reps: int) -> float:
-    """Median wall time of one ``ms.jit`` call of ``net(x)`` (compiled and warmed up first)."""
+def jit_runner(net):
+    """``net`` as an ``ms.jit`` function."""
     import mindspore as ms
 
     @ms.jit
     def run(inp):
         return net(inp)
 
+    return run
+
+
+def chain_runner(layers):
+    return jit_runner(chain_net(layers))
+
+
+def median_call_seconds(net, x, reps: int) -> float:
+    """Median wall time of one ``ms.jit`` call of ``net(x)`` (compiled and warmed up first)."""
+    run = jit_runner(net)
     run(x).asnumpy()  # compile + warm up
     times = []
     for _ in range(reps):
@@ -342,6 +382,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS), help="which of wide, stack, small to run")
     parser.add_argument("--stack-layers", type=int, default=48, help="layers in the stack section")
     parser.add_argument("--stack-m", default="1,32,128", help="batch sizes of the stack section")
+    parser.add_argument(
+        "--interleave", action="store_true", help="time all variants in rounds; ratio = median per-round ratio"
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
 
@@ -396,10 +439,17 @@ def main(argv=None) -> int:
             layer_sets[variant] = (make_layers(variant, K, N, count, rng), weight_bytes(probe))
         for M in ms_list:
             fp32_time = None
+            mixed = {}
+            if args.interleave:
+                mixed = interleaved(layer_sets, {v: input_for(M, K, v, rng) for v in variants}, args.reps)
             for variant in variants:
                 layers, wbytes = layer_sets[variant]
-                t = time_chain(layers, input_for(M, K, variant, rng), args.reps)
-                if variant == "fp32":
+                if args.interleave:
+                    t, ratio_v = mixed[variant]
+                    fp32_time = t * ratio_v if ratio_v else None  # so that fp32_time / t is the median ratio
+                else:
+                    t = time_chain(layers, input_for(M, K, variant, rng), args.reps)
+                if variant == "fp32" and not args.interleave:
                     fp32_time = t
                 row = {
                     "section": "wide",

@@ -144,6 +144,29 @@ void test_4bit(int64_t N, int64_t K, int64_t M, int64_t bs, bool nested, bool as
       worst = std::fmax(worst, std::fabs(y.as<float>()[m * N + j] - ref) / (mag * (K + 3) * 6e-8 + 1e-30));
     }
   expect(worst <= 1.0, "linear4bit vs reference", worst);
+  // bfloat16 and int8 compute (loose checks: these runs are for out-of-bounds accesses; the Python tests
+  // hold them to their bounds)
+  const bool int8_ok = !asym && K % bs == 0;
+  for (int64_t mode : {int64_t(8), int64_t(16)}) {
+    if (mode == 16 && !int8_ok) continue;
+    Arg y3({M, N}, "float32"), meta3({4}, "int64");
+    std::memcpy(meta3.as<int64_t>(), mt, 32);
+    meta3.as<int64_t>()[3] |= mode;
+    rc = call(MsbnbLinear4bit, {&x, &packed, &absmax, &cd, &nabs, &ncode, &noff, &boff, &bias, &meta3, &y3});
+    expect(rc == 0, mode == 8 ? "linear4bit bf16 rc" : "linear4bit int8 rc", rc);
+    double w3 = 0;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < N; ++j) {
+        double ref = bias.as<float>()[j], mag = std::fabs(ref);
+        for (int64_t k = 0; k < K; ++k) {
+          ref += (double)x.as<float>()[m * K + k] * Wd[j * K + k];
+          mag += std::fabs((double)x.as<float>()[m * K + k] * Wd[j * K + k]);
+        }
+        w3 = std::fmax(w3, std::fabs(y3.as<float>()[m * N + j] - ref) / (mag + 1e-30));
+      }
+    expect(w3 < (mode == 8 ? 0.01 : 0.05), mode == 8 ? "linear4bit bf16 vs reference" : "linear4bit int8 vs reference",
+           w3);
+  }
   // dx
   Arg dy({M, N}, "float32"), meta2({4}, "int64"), dx({M, K}, "float32");
   std::memcpy(meta2.as<int64_t>(), mt, 32);
@@ -188,6 +211,40 @@ void test_8bit(int64_t N, int64_t K, int64_t M, bool asym, float threshold) {
       worst = std::fmax(worst, std::fabs(y.as<float>()[m * N + j] - ref) / (mag * (K + 3) * 6e-8 + 1e-30));
     }
   expect(worst <= 1.0, "linear8bit vs reference", worst);
+  for (int64_t mode : {int64_t(4), int64_t(8)}) {  // bfloat16 and int8 compute (int8: symmetric only)
+    if (mode == 8 && asym) continue;
+    Arg y3({M, N}, "float32"), meta3({2}, "int64");
+    meta3.as<int64_t>()[0] = meta.as<int64_t>()[0] | mode;
+    rc = call(MsbnbLinear8bit, {&x, &q, &s, &o, &bias, &meta3, &y3});
+    expect(rc == 0, "linear8bit bf16/int8 rc", rc);
+    double w3 = 0;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < N; ++j) {
+        double ref = bias.as<float>()[j], mag = std::fabs(ref);
+        for (int64_t k = 0; k < K; ++k) {
+          const double w = ((double)q.as<int8_t>()[j * K + k] - o.as<float>()[j]) * s.as<float>()[j];
+          ref += (double)x.as<float>()[m * K + k] * w;
+          mag += std::fabs((double)x.as<float>()[m * K + k] * w);
+        }
+        w3 = std::fmax(w3, std::fabs(y3.as<float>()[m * N + j] - ref) / (mag + 1e-30));
+      }
+    expect(w3 < (mode == 4 ? 0.01 : 0.05), "linear8bit bf16/int8 vs reference", w3);
+  }
+  if (M > 1) {  // a NaN row through LLM.int8() and int8 compute: must not touch memory out of bounds
+    Arg xn({M, K}, "float32"), yn({M, N}, "float32"), scbn({N}, "float32"), mfn({2}, "float32"), m8({2}, "int64");
+    std::memcpy(xn.as<float>(), x.as<float>(), sizeof(float) * x.count());
+    xn.as<float>()[K / 2] = std::nanf("");
+    for (int64_t j = 0; j < N; ++j) scbn.as<float>()[j] = 1.27f;
+    mfn.as<float>()[0] = threshold;
+    mfn.as<float>()[1] = 1.f;
+    expect(call(MsbnbLlmInt8, {&xn, &q, &scbn, &bias, &mfn, &yn}) == 0, "llm_int8 NaN rc", 0);
+    expect(std::isnan(yn.as<float>()[0]) && !std::isnan(yn.as<float>()[N]), "llm_int8 NaN row", 0);
+    if (!asym) {
+      m8.as<int64_t>()[0] = 2 | 8;
+      expect(call(MsbnbLinear8bit, {&xn, &q, &s, &o, &bias, &m8, &yn}) == 0, "int8 compute NaN rc", 0);
+      expect(std::isnan(yn.as<float>()[0]) && !std::isnan(yn.as<float>()[N]), "int8 compute NaN row", 0);
+    }
+  }
   Arg dy({M, N}, "float32"), dx({M, K}, "float32");
   for (size_t i = 0; i < dy.count(); ++i) dy.as<float>()[i] = randn();
   rc = call(MsbnbLinear8bitDx, {&dy, &q, &s, &o, &meta, &x, &dx});
@@ -221,7 +278,7 @@ int main() {
     msbnb_set_isa(isa);
     for (int threads : {1, 2}) {
       msbnb_set_num_threads(threads);
-      const int64_t shapes[][3] = {{16, 128, 1}, {33, 70, 3}, {8, 256, 5}, {5, 129, 17}, {24, 64, 0}, {3, 33, 2}};
+      const int64_t shapes[][3] = {{16, 128, 1}, {33, 70, 3}, {8, 256, 5}, {5, 129, 17}, {24, 64, 0}, {3, 33, 2}, {20, 128, 300}};
       for (auto &s : shapes)
         for (int64_t bs : {32, 64, 256})
           for (int v = 0; v < 4; ++v) test_4bit(s[0], s[1], s[2], bs, v & 1, v & 2);

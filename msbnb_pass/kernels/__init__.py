@@ -8,7 +8,9 @@ Backends:
   warning) and as the oracle in tests.
 
 The default is ``"cpu"`` when the library loads, else ``"reference"``; ``MSBNB_BACKEND`` or
-``set_backend()`` override it. Thread count: ``MSBNB_NUM_THREADS`` or ``set_num_threads()``.
+``set_backend()`` override it. Thread count: ``MSBNB_NUM_THREADS`` or ``set_num_threads()``. bfloat16 compute
+uses AVX512-BF16's ``vdpbf16ps`` where the CPU has it (``cpu_has_bf16()``), else an exact emulation;
+``set_bf16_native(False)`` forces the emulation.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 from typing import Any
 
 from . import _lib
-from ._lib import get_num_threads, library_path, set_num_threads
+from ._lib import bf16_native, cpu_has_bf16, get_num_threads, library_path, set_bf16_native, set_num_threads
 
 BACKENDS = ("cpu", "reference")
 ENV_BACKEND = "MSBNB_BACKEND"
@@ -26,6 +28,8 @@ _backend_override: str | None = None
 __all__ = [
     "BACKENDS",
     "available_backends",
+    "bf16_native",
+    "cpu_has_bf16",
     "get_backend",
     "get_num_threads",
     "isa",
@@ -33,6 +37,7 @@ __all__ = [
     "library_path",
     "register_kernel",
     "set_backend",
+    "set_bf16_native",
     "set_isa",
     "set_num_threads",
 ]

@@ -67,6 +67,7 @@ def load() -> ctypes.CDLL | None:
     lib.msbnb_set_isa.argtypes = [ctypes.c_char_p]
     lib.msbnb_isa_supported.argtypes = [ctypes.c_char_p]
     lib.msbnb_set_num_threads.argtypes = [ctypes.c_int]
+    lib.msbnb_set_bf16_native.argtypes = [ctypes.c_int]
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.msbnb_quantize_4bit.argtypes = [p, i64, i64, p, p, i32, p, p, p]
     lib.msbnb_quantize_blockwise_8bit.argtypes = [p, i64, i64, p, p, p]
@@ -113,6 +114,23 @@ def supported_isas() -> list[str]:
 def set_isa(name: str) -> None:
     """Force an instruction set ("avx512", "avx2", "portable", or "auto" for the best this CPU has)."""
     _apply_isa(_require(), name, "isa")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has AVX512-BF16 (``vdpbf16ps``)."""
+    return bool(_require().msbnb_cpu_has_bf16())
+
+
+def bf16_native() -> bool:
+    """Whether bfloat16 compute runs on ``vdpbf16ps`` now (else on its exact emulation)."""
+    return bool(_require().msbnb_bf16_native())
+
+
+def set_bf16_native(on: bool) -> None:
+    """Use ``vdpbf16ps`` for bfloat16 compute where the CPU has it (True, the default) or always the emulation."""
+    if not isinstance(on, bool):
+        raise TypeError(f"set_bf16_native takes a bool, got {on!r}")
+    _require().msbnb_set_bf16_native(int(on))
 
 
 def get_num_threads() -> int:

@@ -23,7 +23,54 @@ from mindspore.ops import CustomRegOp, DataType
 
 from . import _lib
 
-FLAG_NESTED, FLAG_ASYM, FLAG_BIAS = 1, 2, 4
+FLAG_NESTED, FLAG_ASYM, FLAG_BIAS, FLAG_BF16, FLAG_INT8 = 1, 2, 4, 8, 16
+# how the products are computed: float32 (exact products), bfloat16 (operands rounded to bf16, float32
+# sums) or int8 (activations quantized per row and block, int32 sums per block)
+COMPUTE_MODES = ("float32", "bfloat16", "int8")
+I8_BLOCK_INT8 = 128  # activation block of the int8 weight-only layer in int8 compute (kI8Block in C++)
+_FLT_MIN = 1.1754943508222875e-38
+
+
+def _check_compute(compute: str) -> str:
+    if compute not in COMPUTE_MODES:
+        raise ValueError(f"compute must be one of {COMPUTE_MODES}, got {compute!r}")
+    return compute
+
+
+def _bf16_round(t):
+    """Round float32 to bfloat16 (nearest even) and back, reading values below the smallest normal as zero
+    (what the kernels and vdpbf16ps do)."""
+    t = ops.where(ops.abs(t) < _FLT_MIN, ops.zeros_like(t), t)
+    return ops.cast(ops.cast(t, ms.bfloat16), ms.float32)
+
+
+def _quantize_blocks(x2, nblocks: int, block: int):
+    """int8 activations per row and block: (codes as float [M, nb, B], scale [M, nb, 1])."""
+    m = x2.shape[0]
+    pad = nblocks * block - x2.shape[1]
+    if pad:
+        x2 = ops.concat((x2, ops.zeros((m, pad), ms.float32)), axis=1)
+    xb = x2.reshape((m, nblocks, block))
+    amax = ops.amax(ops.abs(xb), axis=2, keepdims=True)
+    factor = ops.where(amax > 0, 127.0 / ops.maximum(amax, 1e-38), ops.zeros_like(amax))
+    xq = ops.clamp(ops.round(xb * factor), -127.0, 127.0)
+    return xq, amax / 127.0
+
+
+def _int8_compute(x2, levels, wscale, nblocks: int, block: int):
+    """sum over blocks of dot(x codes, weight levels) * s_x * s_w, the dots exact (float64).
+
+    levels: [N, nb*B] float (padded with zeros), wscale: [N, nb]."""
+    bad = ops.logical_not(ops.isfinite(x2)).any(axis=1, keep_dims=True)
+    x_ok = ops.where(ops.broadcast_to(bad, x2.shape), ops.zeros_like(x2), x2)
+    xq, sx = _quantize_blocks(x_ok, nblocks, block)
+    n = levels.shape[0]
+    wl = levels.reshape((n, nblocks, block)).transpose(1, 2, 0)  # [nb, B, N]
+    dots = ops.bmm(ops.cast(xq.transpose(1, 0, 2), ms.float64), ops.cast(wl, ms.float64))  # [nb, M, N]
+    scale = ops.cast(sx.transpose(1, 0, 2), ms.float64) * ops.cast(wscale.T.reshape((nblocks, 1, n)), ms.float64)
+    return ops.cast((dots * scale).sum(axis=0), ms.float32), bad
+
+
 # the primitive, not ops.zeros_like: the functional form fails inside a Cell bprop in GRAPH_MODE
 _zeros_like = ops.ZerosLike()
 
@@ -221,12 +268,20 @@ class _Linear4bitBase(nn.Cell):
         nested_blocksize: int = 256,
         asymmetric: bool = False,
         has_bias: bool = True,
+        compute: str = "float32",
     ):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.blocksize, self.nested_blocksize = int(blocksize), int(nested_blocksize)
         self.nested, self.asymmetric, self.has_bias = bool(nested), bool(asymmetric), bool(has_bias)
+        self.compute = _check_compute(compute)
+        if compute == "int8" and (asymmetric or self.in_features % self.blocksize):
+            raise ValueError(
+                "compute='int8' needs a symmetric code and in_features a multiple of the blocksize, got "
+                f"asymmetric={asymmetric}, in_features={in_features}, blocksize={blocksize}"
+            )
         flags = (FLAG_NESTED if nested else 0) | (FLAG_ASYM if asymmetric else 0) | (FLAG_BIAS if has_bias else 0)
+        flags |= {"float32": 0, "bfloat16": FLAG_BF16, "int8": FLAG_INT8}[compute]
         self.meta = Tensor(np.array([self.in_features, self.blocksize, self.nested_blocksize, flags], np.int64))
 
 
@@ -268,7 +323,20 @@ class ReferenceLinear4bit(_Linear4bitBase):
         if self.asymmetric:
             w = w + block_offset.reshape((-1, 1))
         w = w.reshape((-1,))[: self.numel].reshape((self.out_features, self.in_features))
-        y = ops.matmul(ops.cast(x, ms.float32), w.T)
+        x32 = ops.cast(x, ms.float32)
+        if self.compute == "bfloat16":
+            y = ops.matmul(_bf16_round(x32), _bf16_round(w).T)
+        elif self.compute == "int8":
+            nb = self.in_features // self.blocksize
+            levels = ops.clamp(ops.round(ops.gather(code, idx[: self.numel], 0) * 127.0), -127.0, 127.0)
+            levels = levels.reshape((self.out_features, self.in_features))
+            wscale = scale.reshape((self.out_features, nb)) / 127.0
+            x2 = x32.reshape((-1, self.in_features))
+            y2, bad = _int8_compute(x2, levels, wscale, nb, self.blocksize)
+            y2 = ops.where(ops.broadcast_to(bad, y2.shape), ops.matmul(x2, w.T), y2)
+            y = y2.reshape(x.shape[:-1] + (self.out_features,))
+        else:
+            y = ops.matmul(x32, w.T)
         if self.has_bias:
             y = y + bias
         return ops.cast(y, x.dtype)
@@ -277,11 +345,22 @@ class ReferenceLinear4bit(_Linear4bitBase):
 class _Linear8bitBase(nn.Cell):
     """y = x @ ((q - offset) * scale)^T + bias for an int8 weight [out, in]."""
 
-    def __init__(self, in_features: int, out_features: int, asymmetric: bool = False, has_bias: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        asymmetric: bool = False,
+        has_bias: bool = True,
+        compute: str = "float32",
+    ):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.asymmetric, self.has_bias = bool(asymmetric), bool(has_bias)
-        self.meta = Tensor(np.array([(1 if asymmetric else 0) | (2 if has_bias else 0)], np.int64))
+        self.compute = _check_compute(compute)
+        if compute == "int8" and asymmetric:
+            raise ValueError("compute='int8' needs a symmetric int8 weight (asymmetric=False)")
+        mode = {"float32": 0, "bfloat16": 4, "int8": 8}[compute]
+        self.meta = Tensor(np.array([(1 if asymmetric else 0) | (2 if has_bias else 0) | mode], np.int64))
 
 
 class FusedLinear8bit(_Linear8bitBase):
@@ -299,7 +378,22 @@ class ReferenceLinear8bit(_Linear8bitBase):
         if self.asymmetric:
             w = w - offset.reshape((-1, 1))
         w = w * scale.reshape((-1, 1))
-        y = ops.matmul(ops.cast(x, ms.float32), w.T)
+        x32 = ops.cast(x, ms.float32)
+        if self.compute == "bfloat16":
+            y = ops.matmul(_bf16_round(x32), _bf16_round(w).T)
+        elif self.compute == "int8":
+            k, blk = self.in_features, I8_BLOCK_INT8
+            nb = -(-k // blk)
+            levels = ops.cast(q, ms.float32)
+            if nb * blk != k:
+                levels = ops.concat((levels, ops.zeros((self.out_features, nb * blk - k), ms.float32)), axis=1)
+            wscale = ops.broadcast_to(scale.reshape((-1, 1)), (self.out_features, nb))
+            x2 = x32.reshape((-1, k))
+            y2, bad = _int8_compute(x2, levels, wscale, nb, blk)
+            y2 = ops.where(ops.broadcast_to(bad, y2.shape), ops.matmul(x2, w.T), y2)
+            y = y2.reshape(x.shape[:-1] + (self.out_features,))
+        else:
+            y = ops.matmul(x32, w.T)
         if self.has_bias:
             y = y + bias
         return ops.cast(y, x.dtype)
@@ -330,8 +424,12 @@ class ReferenceLlmInt8(_LlmInt8Base):
 
     def construct(self, x, cb, scb, bias):
         shape = x.shape
-        x2 = ops.cast(x, ms.float32).reshape((-1, self.in_features))
+        x_all = ops.cast(x, ms.float32).reshape((-1, self.in_features))
         w = ops.cast(cb, ms.float32) * scb.reshape((-1, 1)) * 7.874015718698502e-3
+        # rows with NaN/Inf have no int8 image: they are computed in float (as the fused kernel does) and
+        # kept out of the outlier detection and quantization of the other rows
+        bad = ops.logical_not(ops.isfinite(x_all)).any(axis=1, keep_dims=True)
+        x2 = ops.where(ops.broadcast_to(bad, x_all.shape), ops.zeros_like(x_all), x_all)
         if self.threshold > 0:
             big = ops.abs(x2) >= self.threshold
             cols = big.any(axis=0, keep_dims=True)
@@ -350,6 +448,7 @@ class ReferenceLlmInt8(_LlmInt8Base):
         y = ops.cast(acc, ms.float32) * (sca * scb.reshape((1, -1))) * (1.0 / (127.0 * 127.0))
         if x_out is not None:
             y = y + ops.matmul(x_out, w.T)
+        y = ops.where(ops.broadcast_to(bad, y.shape), ops.matmul(ops.where(bad, x_all, ops.zeros_like(x_all)), w.T), y)
         if self.has_bias:
             y = y + bias
         return ops.cast(y.reshape(shape[:-1] + (self.out_features,)), x.dtype)

@@ -195,6 +195,38 @@ class QuantLinear(nn.Cell):
         """Dequantized weight rows ``rows`` (subclasses decode only those rows)."""
         return self.dequantized_weight()[np.asarray(rows, dtype=np.int64)]
 
+    compute_mode = "float32"
+
+    def kernel_reference(self, x: np.ndarray, rows=None) -> tuple[np.ndarray, np.ndarray]:
+        """What the kernel computes for output columns ``rows`` (default all) of ``x @ W^T`` (no bias), in
+        float64, and a bound on how far the kernel's float32 result may be from it:
+        ``(reference [M, len(rows)], bound [M, len(rows)])``.
+
+        float32 compute: the product with the dequantized weights, Higham's bound
+        ``gamma_(K+3) * |x| @ |W|^T`` (u = 2^-24). bfloat16: the same with both operands rounded to bf16.
+        int8: the exact value of the blockwise int8 computation and ``gamma_(nb+2)`` times its magnitude
+        (``msbnb_pass.formats.compute``)."""
+        from ..formats import compute
+
+        x2 = np.asarray(x, np.float32).reshape(-1, self.in_features)
+        rows = np.arange(self.out_features) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+        u = 2.0**-24
+        if self.compute_mode == "int8":
+            levels, wscale, block = self._int8_operands(rows)
+            ref, mag = compute.int8_matmul(x2, levels, wscale, block)
+            nb = wscale.shape[1]
+            return ref, (nb + 2) * u / (1 - (nb + 2) * u) * mag + 1e-30
+        w = self.dequantized_rows(rows)
+        if self.compute_mode == "bfloat16":
+            x2, w = compute.bf16_round(x2), compute.bf16_round(w)
+        x64, w64 = x2.astype(np.float64), w.astype(np.float64)
+        k = self.in_features
+        gamma = (k + 3) * u / (1 - (k + 3) * u)
+        return x64 @ w64.T, gamma * (np.abs(x64) @ np.abs(w64).T) + 1e-30
+
+    def _int8_operands(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:  # pragma: no cover
+        raise NotImplementedError
+
     def _cast(self, x, dtype):
         if x.dtype == dtype:
             return x

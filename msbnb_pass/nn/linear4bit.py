@@ -18,7 +18,13 @@ from ..kernels import kernel_class
 from ..kernels import quantize as fast
 from ._base import QuantLinear, _checked_bias, check_finite_stats, default_init
 
-COMPUTE_DTYPES = {"float32": ms.float32, "float16": ms.float16}
+# compute dtype -> (dtype the input is cast to before the kernel or None, the kernel's compute mode)
+COMPUTE_DTYPES = {
+    "float32": (ms.float32, "float32"),
+    "float16": (ms.float16, "float32"),
+    "bfloat16": (None, "bfloat16"),
+    "int8": (None, "int8"),
+}
 
 
 class Linear4bit(QuantLinear):
@@ -31,7 +37,13 @@ class Linear4bit(QuantLinear):
         blocksize: elements per absmax block, a power of two in [32, 4096]; ``group_size`` is an alias.
         compress_statistics: double-quantize the absmax (8-bit, blocks of 256): ~4.13 instead of 4.5 bits
             per weight at blocksize 64.
-        compute_dtype: "float32" or "float16": the input is cast to it for the matmul, the output back.
+        compute_dtype: how the products are computed (see the README's "compute_dtype"): "float32"
+            (exact products, float32 sums; the default), "float16" (the input is rounded to float16, the
+            output too), "bfloat16" (input and decoded weights rounded to bfloat16, float32 sums:
+            AVX512-BF16's vdpbf16ps or its exact emulation; input and output keep their dtype) or "int8"
+            (opt-in W4A8: activations quantized to int8 per row and block on the fly, the 16 codes as
+            int8 levels, int32 sums per block; needs in_features % blocksize == 0 and a symmetric code).
+            MindSpore/numpy/torch dtypes and their names are accepted.
         symmetric: int4 only; False stores each block's midpoint and uses 16 levels over its range.
         weight, bias_value: float arrays to quantize (default: nn.Dense's random initialisation).
         backend: "cpu" (fused C++ kernel) or "reference"; default: the kernels module's choice.
@@ -75,11 +87,15 @@ class Linear4bit(QuantLinear):
         dtype = dtype_to_str(compute_dtype)
         if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"{owner}: compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+        if dtype == "int8" and not symmetric:
+            raise ValueError(f"{owner}: compute_dtype='int8' needs a symmetric code; symmetric=False is not supported")
         self.quant_type = quant_type
         self.compress_statistics = bool(compress_statistics)
         self.symmetric = bool(symmetric)
         self.compute_dtype_name = dtype
-        self.compute_dtype = COMPUTE_DTYPES[dtype]
+        cast_to, self.compute_mode = COMPUTE_DTYPES[dtype]
+        self._cast_input = cast_to is not None
+        self.compute_dtype = cast_to if cast_to is not None else (ms.bfloat16 if dtype == "bfloat16" else ms.int8)
 
         if quant_state is None:
             if weight is None:
@@ -96,6 +112,11 @@ class Linear4bit(QuantLinear):
                 )
             except QuantizationError as exc:
                 raise QuantizationError(f"{owner}: weight: {str(exc).removeprefix('A: ')}") from None
+        if dtype == "int8" and self.in_features % self.blocksize:
+            raise ValueError(
+                f"{owner}: compute_dtype='int8' needs in_features ({self.in_features}) to be a multiple of the "
+                f"blocksize ({self.blocksize})"
+            )
         self._load_quantized(np.asarray(packed), quant_state)
         if self.has_bias:
             b = np.zeros(self.out_features, np.float32) if bias_value is None else np.asarray(bias_value, np.float32)
@@ -110,6 +131,7 @@ class Linear4bit(QuantLinear):
             self.quant_state.state2.blocksize if self.quant_state.nested else 256,
             not self.quant_state.symmetric,
             self.has_bias,
+            self.compute_mode,
         )
 
     def _load_quantized(self, packed: np.ndarray, qs: QuantState) -> None:
@@ -156,7 +178,9 @@ class Linear4bit(QuantLinear):
 
     def construct(self, x):
         self._check_input(x)
-        xc = self._cast(x, self.compute_dtype)
+        xc = x
+        if self._cast_input:
+            xc = self._cast(x, self.compute_dtype)
         y = self.kernel(
             xc,
             self.weight,
@@ -271,6 +295,20 @@ class Linear4bit(QuantLinear):
     def dequantized_rows(self, rows) -> np.ndarray:
         """Dequantized weight rows (output features) ``rows``, without decoding the whole weight."""
         return formats.dequantize_4bit_rows(self.weight.asnumpy(), self.current_quant_state(), rows)
+
+    def _int8_operands(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """int8 compute: (int8 levels [R, K], weight scale per block float32 [R, K / blocksize], blocksize)."""
+        from ..formats.compute import int8_levels
+
+        qs = self.current_quant_state()
+        k, bs = self.in_features, self.blocksize
+        flat = rows[:, None] * k + np.arange(k, dtype=np.int64)[None, :]
+        byte = self.weight.asnumpy().reshape(-1)[flat >> 1]
+        idx = np.where(flat & 1, byte & 0x0F, byte >> 4)
+        nb = k // bs
+        blocks = rows[:, None] * nb + np.arange(nb, dtype=np.int64)[None, :]
+        wscale = qs.dequantized_absmax().astype(np.float32)[blocks] * (np.float32(1.0) / np.float32(127.0))
+        return int8_levels(qs.code)[idx], wscale.astype(np.float32), bs
 
     def extend_repr(self) -> str:
         dq = ", double_quant" if self.quant_state.nested else ""

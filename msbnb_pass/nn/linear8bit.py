@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
 from .. import formats
+from ..config import dtype_to_str
 from ..formats import _checks
 from ..kernels import kernel_class
 from ..kernels import quantize as fast
 from ._base import QuantLinear, check_finite_stats, default_init
+from .linear4bit import COMPUTE_DTYPES
 
 
 class Linear8bit(QuantLinear):
@@ -25,6 +28,11 @@ class Linear8bit(QuantLinear):
         symmetric: absmax scaling (the offset is zero) or min/max scaling with an integer zero point.
         per_channel: one scale per output row, or one for the whole weight.
         weight, bias_value: float arrays to start from (default: nn.Dense's random initialisation).
+        compute_dtype: how the int8 layer computes (see the README's "compute_dtype"): "float32" (exact
+            products of the dequantized weight; the default), "float16" (input and output rounded to
+            float16), "bfloat16" (input and dequantized weight rounded to bfloat16, float32 sums) or "int8"
+            (opt-in W8A8: activations quantized to int8 per row and block of 128, int32 sums; symmetric
+            weights only). The float training mode always computes in the input's dtype.
         backend: "cpu" (fused C++ kernel) or "reference".
 
     Quantized parameters: ``weight`` (int8 ``[out, in]``), ``weight_scale`` (float32 ``[out]`` or ``[1]``),
@@ -43,10 +51,25 @@ class Linear8bit(QuantLinear):
         *,
         weight: Any = None,
         bias_value: Any = None,
+        compute_dtype: Any = "float32",
         backend: str | None = None,
         layer_name: str | None = None,
     ):
         super().__init__(in_features, out_features, bias, layer_name)
+        dtype = dtype_to_str(compute_dtype)
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"{self.layer_name}: compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {compute_dtype!r}"
+            )
+        if dtype == "int8" and not symmetric:
+            raise ValueError(
+                f"{self.layer_name}: compute_dtype='int8' needs a symmetric int8 weight; symmetric=False is not "
+                "supported"
+            )
+        self.compute_dtype_name = dtype
+        cast_to, self.compute_mode = COMPUTE_DTYPES[dtype]
+        self._cast_input = cast_to is not None
+        self.compute_dtype = cast_to if cast_to is not None else (ms.bfloat16 if dtype == "bfloat16" else ms.int8)
         self.symmetric = bool(symmetric)
         self.per_channel = bool(per_channel)
         self.backend = backend
@@ -91,7 +114,7 @@ class Linear8bit(QuantLinear):
             self.weight_offset = self._param(offset.astype(np.float32), "weight_offset")
         self.has_fp16_weights = False
         self.kernel = kernel_class("linear8bit", self.backend)(
-            self.in_features, self.out_features, not self.symmetric, self.has_bias
+            self.in_features, self.out_features, not self.symmetric, self.has_bias, self.compute_mode
         )
 
     def construct(self, x):
@@ -101,7 +124,11 @@ class Linear8bit(QuantLinear):
             if self.has_bias:
                 y = y + self._cast(self.bias, x.dtype)
             return self._activate(y)
-        return self._activate(self.kernel(x, self.weight, self.weight_scale, self.weight_offset, self._bias()))
+        xc = x
+        if self._cast_input:
+            xc = self._cast(x, self.compute_dtype)
+        y = self.kernel(xc, self.weight, self.weight_scale, self.weight_offset, self._bias())
+        return self._activate(self._cast(y, x.dtype))
 
     @classmethod
     def from_dense(
@@ -111,10 +138,17 @@ class Linear8bit(QuantLinear):
         per_channel: bool = True,
         backend: str | None = None,
         layer_name: str | None = None,
+        compute_dtype: Any = "float32",
     ) -> Linear8bit:
         """Quantize an ``nn.Dense`` / ``mint.nn.Linear`` to int8 (inference mode)."""
         return cls._convert_dense(
-            cell, layer_name, has_fp16_weights=False, symmetric=symmetric, per_channel=per_channel, backend=backend
+            cell,
+            layer_name,
+            has_fp16_weights=False,
+            symmetric=symmetric,
+            per_channel=per_channel,
+            backend=backend,
+            compute_dtype=compute_dtype,
         )
 
     def dequantized_weight(self) -> np.ndarray:
@@ -133,6 +167,15 @@ class Linear8bit(QuantLinear):
             scale = scale[rows]
             offset = None if offset is None else offset[rows]
         return formats.dequantize_int8(self.weight.asnumpy()[rows], scale, offset)
+
+    def _int8_operands(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """int8 compute: (the int8 codes [R, K], the row scale per activation block [R, nb], the block)."""
+        from ..formats.compute import INT8_WEIGHT_BLOCK
+
+        scale = self.weight_scale.asnumpy().astype(np.float32)
+        scale = scale[rows] if scale.size > 1 else np.full(rows.size, scale[0], np.float32)
+        nb = -(-self.in_features // INT8_WEIGHT_BLOCK)
+        return self.weight.asnumpy()[rows], np.repeat(scale[:, None], nb, axis=1), INT8_WEIGHT_BLOCK
 
     def bnb_state_dict(self, prefix: str = "") -> dict[str, np.ndarray]:
         """bitsandbytes' Linear8bitLt keys (``weight`` int8, ``SCB``, ``weight_format``) for a symmetric
@@ -161,5 +204,5 @@ class Linear8bit(QuantLinear):
         backend = "" if self.kernel is None else f", backend={type(self.kernel).__name__}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}, "
-            f"mode={mode}, {kind}{backend}"
+            f"mode={mode}, {kind}, compute_dtype={self.compute_dtype_name}{backend}"
         )

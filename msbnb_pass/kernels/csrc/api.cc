@@ -40,6 +40,11 @@ bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
+bool cpu_has_avx512bf16() {
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+}
+
 const KernelTable *best_table() {
   if (cpu_has_avx512()) return &kTableAvx512;
   if (cpu_has_avx2()) return &kTableAvx2;
@@ -189,6 +194,8 @@ int parse_w4(void **params, int *ndims, int64_t **shapes, const char **dtypes, i
   return 0;
 }
 
+std::atomic<int> g_bf16_native{1};  // use vdpbf16ps when the CPU has it (0: always the emulation)
+
 int64_t rows_of(int nd, const int64_t *shape, int64_t last) {
   if (nd < 1) return -1;
   if (shape[nd - 1] != last) return -1;
@@ -203,6 +210,11 @@ std::vector<int64_t> replace_last(int nd, const int64_t *shape, int64_t last) {
 }
 
 }  // namespace
+
+bool bf16_native_enabled() {
+  static const bool has = cpu_has_avx512bf16();
+  return has && g_bf16_native.load(std::memory_order_relaxed) != 0;
+}
 }  // namespace msbnb
 
 using namespace msbnb;
@@ -226,7 +238,17 @@ MSBNB_EXPORT int MsbnbLinear4bit(int nparam, void **params, int *ndims, int64_t 
   if (numel(ndims[Y], shapes[Y]) != M * N) return fail(15, "y must hold %lld x %lld values", (long long)M, (long long)N);
   const float *x = input_f32(params[X], dtypes[X], M * w.K, 4);
   float *y = output_f32(params[Y], dtypes[Y], M * N, 5);
-  table().linear4bit(x, M, w, (flags & 4) ? static_cast<const float *>(params[BIAS]) : nullptr, y);
+  const float *bias = (flags & 4) ? static_cast<const float *>(params[BIAS]) : nullptr;
+  if (flags & 8) {
+    table().linear4bit_bf16(x, M, w, bias, y);
+  } else if (flags & 16) {
+    if (!w.aligned() || w.block_offset)
+      return fail(16, "int8 compute needs in_features (%lld) to be a multiple of the blocksize (%lld) and a "
+                      "symmetric code", (long long)w.K, (long long)w.bs);
+    table().linear4bit_i8(x, M, w, bias, y);
+  } else {
+    table().linear4bit(x, M, w, bias, y);
+  }
   finish_output(params[Y], dtypes[Y], y, M * N);
   return 0;
 }
@@ -299,7 +321,15 @@ MSBNB_EXPORT int MsbnbLinear8bit(int nparam, void **params, int *ndims, int64_t 
   if (numel(ndims[Y], shapes[Y]) != M * w.N) return fail(15, "y has the wrong size");
   const float *x = input_f32(params[X], dtypes[X], M * w.K, 4);
   float *y = output_f32(params[Y], dtypes[Y], M * w.N, 5);
-  table().linear8bit(x, M, w, (flags & 2) ? static_cast<const float *>(params[BIAS]) : nullptr, y);
+  const float *bias = (flags & 2) ? static_cast<const float *>(params[BIAS]) : nullptr;
+  if (flags & 4) {
+    table().linear8bit_bf16(x, M, w, bias, y);
+  } else if (flags & 8) {
+    if (w.offset) return fail(16, "int8 compute needs a symmetric int8 weight (no offset)");
+    table().linear8bit_i8(x, M, w, bias, y);
+  } else {
+    table().linear8bit(x, M, w, bias, y);
+  }
   finish_output(params[Y], dtypes[Y], y, M * w.N);
   return 0;
 }
@@ -379,6 +409,10 @@ MSBNB_EXPORT int msbnb_set_isa(const char *name) {
 MSBNB_EXPORT int msbnb_isa_supported(const char *name) {
   return is(name, "portable") || (is(name, "avx2") && cpu_has_avx2()) || (is(name, "avx512") && cpu_has_avx512());
 }
+// bf16 dot products: 1 = vdpbf16ps where the CPU has AVX512-BF16 (the default), 0 = always the emulation.
+MSBNB_EXPORT void msbnb_set_bf16_native(int on) { g_bf16_native.store(on ? 1 : 0, std::memory_order_relaxed); }
+MSBNB_EXPORT int msbnb_bf16_native() { return bf16_native_enabled() && table().name == kTableAvx512.name ? 1 : 0; }
+MSBNB_EXPORT int msbnb_cpu_has_bf16() { return cpu_has_avx512bf16() ? 1 : 0; }
 MSBNB_EXPORT int msbnb_num_threads() { return num_threads(); }
 MSBNB_EXPORT void msbnb_set_num_threads(int n) { set_num_threads(n); }
 

@@ -115,6 +115,15 @@ inline void index_pack(const float *p, int64_t n, bool divide, float factor, flo
 #include "impl_common.inc"
 
 namespace {
+BV bload(const uint16_t *p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p));
+  return BV{_mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u))),
+            _mm256_castsi256_ps(_mm256_slli_epi32(v, 16))};
+}
+const MicroBf16Fn *bf16_native_micro() { return nullptr; }
+void i8_gemm(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const W8 *w8, float *y) {
+  i8_gemm_generic(a, M, K, N, w4, w8, y);
+}
 bool fast_linear4bit(const float *, int64_t, const W4 &, const float *, float *) { return false; }
 float quantize_row_fast(const float *x, int64_t K, const uint8_t *outlier, float threshold, int8_t *q,
                         int32_t *qsum) {

@@ -294,6 +294,322 @@ float quantize_row_fast(const float *x, int64_t K, const uint8_t *outlier, float
   return amax;
 }
 
+// ---- bf16 --------------------------------------------------------------------------------------------------------
+BV bload(const uint16_t *p) {
+  const __m512i v = _mm512_loadu_si512(p);
+  return BV{_mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u))),
+            _mm512_castsi512_ps(_mm512_slli_epi32(v, 16))};
+}
+
+// The same micro-kernel with vdpbf16ps (AVX512-BF16), compiled for it alone and called only when the CPU has it.
+#define MSBNB_BF16_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma,f16c")))
+template <int MR, int NR>
+MSBNB_BF16_TARGET void micro_bf16_native(const uint16_t *x, int64_t ldx, const uint16_t *p, int64_t ldp, int64_t klen,
+                                         float *y, int64_t ldy) {
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < klen; k += 32) {
+    __m512i xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm512_loadu_si512(x + i * ldx + k);
+    for (int j = 0; j < NR; ++j) {
+      const __m512i pv = _mm512_loadu_si512(p + j * ldp + k);
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv[i], (__m512bh)pv);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) y[i * ldy + j] += _mm512_reduce_add_ps(acc[i][j]);
+}
+const MicroBf16Fn kMicroBf16Native[16] = {
+    micro_bf16_native<1, 1>, micro_bf16_native<1, 2>, micro_bf16_native<1, 3>, micro_bf16_native<1, 4>,
+    micro_bf16_native<2, 1>, micro_bf16_native<2, 2>, micro_bf16_native<2, 3>, micro_bf16_native<2, 4>,
+    micro_bf16_native<3, 1>, micro_bf16_native<3, 2>, micro_bf16_native<3, 3>, micro_bf16_native<3, 4>,
+    micro_bf16_native<4, 1>, micro_bf16_native<4, 2>, micro_bf16_native<4, 3>, micro_bf16_native<4, 4>,
+};
+const MicroBf16Fn *bf16_native_micro() { return bf16_native_enabled() ? kMicroBf16Native : nullptr; }
+
+// ---- int8 compute with VPDPBUSD -----------------------------------------------------------------------------------
+// Register-blocked with the rows of x in the vector lanes: the quantized activations are transposed once per
+// call into [K/4][Mp] dwords (4 consecutive int8 of one row per dword, 16 rows per vector), each weight dword
+// (4 codes of one output row, made unsigned: level + 128) is broadcast, and one VPDPBUSD adds 64 products into
+// 16 rows' int32 sums. The +128 is undone by starting each block's sums at -128 * sum(x codes of the block).
+// Per block, the sums are converted and scaled into float32 accumulators exactly as i8_gemm_generic does.
+constexpr int kI8NR = 4;
+
+template <int MV>
+void i8_tile(const int32_t *xT, const int32_t *corr, const float *sxT, int64_t Mp, int64_t m0, int64_t M, int64_t K4,
+             int64_t B4, int64_t nb, const uint8_t *wu8, int64_t ldw, const float *ws, int64_t n, int rc, int64_t N,
+             float *y) {
+  __m512 facc[kI8NR][MV];
+  for (int j = 0; j < kI8NR; ++j)
+    for (int v = 0; v < MV; ++v) facc[j][v] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t k4a = b * B4, k4b = imin(K4, k4a + B4);
+    __m512i ia[kI8NR][MV];
+    for (int v = 0; v < MV; ++v) {
+      const __m512i c = _mm512_loadu_si512(corr + b * Mp + m0 + 16 * v);
+      for (int j = 0; j < kI8NR; ++j) ia[j][v] = c;
+    }
+    for (int64_t k4 = k4a; k4 < k4b; ++k4) {
+      __m512i xv[MV];
+      for (int v = 0; v < MV; ++v) xv[v] = _mm512_loadu_si512(xT + k4 * Mp + m0 + 16 * v);
+      for (int j = 0; j < kI8NR; ++j) {
+        int32_t wd;
+        __builtin_memcpy(&wd, wu8 + j * ldw + 4 * k4, 4);
+        const __m512i wb = _mm512_set1_epi32(wd);
+        for (int v = 0; v < MV; ++v) ia[j][v] = _mm512_dpbusd_epi32(ia[j][v], wb, xv[v]);
+      }
+    }
+    for (int v = 0; v < MV; ++v) {
+      const __m512 sv = _mm512_loadu_ps(sxT + b * Mp + m0 + 16 * v);
+      for (int j = 0; j < kI8NR; ++j) {
+        const __m512 s = _mm512_mul_ps(sv, _mm512_set1_ps(ws[j * nb + b]));
+        facc[j][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[j][v]), s, facc[j][v]);
+      }
+    }
+  }
+  alignas(64) float tmp[16];
+  for (int j = 0; j < rc; ++j)
+    for (int v = 0; v < MV; ++v) {
+      _mm512_store_ps(tmp, facc[j][v]);
+      for (int l = 0; l < 16; ++l) {
+        const int64_t m = m0 + 16 * v + l;
+        if (m < M) y[m * N + n + j] = tmp[l];
+      }
+    }
+}
+
+// VPDPBUSD with the accumulator updated in place: with the intrinsic, GCC 12 copies all 16 accumulators of
+// the tile below on every iteration of its inner loop (it does not coalesce the tied operand).
+inline __m512i dpbusd_inplace(__m512i acc, __m512i u8, __m512i s8) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+
+// The main tile, 4 weight rows x 64 rows of x, written out with named accumulators.
+#define MSBNB_I8_ROW(j, v0, v1, v2, v3)                                           \
+  {                                                                              \
+    int32_t wd;                                                                  \
+    __builtin_memcpy(&wd, wu8 + (j) * ldw + 4 * k4, 4);                          \
+    const __m512i wb = _mm512_set1_epi32(wd);                                    \
+    v0 = dpbusd_inplace(v0, wb, x0);                                        \
+    v1 = dpbusd_inplace(v1, wb, x1);                                        \
+    v2 = dpbusd_inplace(v2, wb, x2);                                        \
+    v3 = dpbusd_inplace(v3, wb, x3);                                        \
+  }
+#define MSBNB_I8_ACC(j, v, acc, c, sv)                                                                        \
+  _mm512_store_ps(fmem[j][v], _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc, c)), _mm512_mul_ps(sv, wsj), \
+                                              _mm512_load_ps(fmem[j][v])));
+#define MSBNB_I8_FLUSH(j, v0, v1, v2, v3)                                                          \
+  {                                                                                               \
+    const __m512 wsj = _mm512_set1_ps(ws[(j) * nb + b]);                                          \
+    MSBNB_I8_ACC(j, 0, v0, c0, s0)                                                                 \
+    MSBNB_I8_ACC(j, 1, v1, c1, s1)                                                                 \
+    MSBNB_I8_ACC(j, 2, v2, c2, s2)                                                                 \
+    MSBNB_I8_ACC(j, 3, v3, c3, s3)                                                                 \
+  }
+
+void i8_tile44(const int32_t *xT, const int32_t *corr, const float *sxT, int64_t Mp, int64_t m0, int64_t M,
+               int64_t K4, int64_t B4, int64_t nb, const uint8_t *wu8, int64_t ldw, const float *ws, int64_t n, int rc,
+               int64_t N, float *y) {
+  alignas(64) float fmem[4][4][16];  // float accumulators, touched once per block: kept in memory
+  for (int j = 0; j < 4; ++j)
+    for (int v = 0; v < 4; ++v) _mm512_store_ps(fmem[j][v], _mm512_setzero_ps());
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t k4a = b * B4, k4b = imin(K4, k4a + B4);
+    const int32_t *cb = corr + b * Mp + m0;
+    // zero-initialised (starting them at c0..c3 makes GCC copy every accumulator each iteration); the
+    // correction is added when the block is flushed
+    __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00;
+    __m512i a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+    for (int64_t k4 = k4a; k4 < k4b; ++k4) {
+      const int32_t *xp = xT + k4 * Mp + m0;
+      const __m512i x0 = _mm512_loadu_si512(xp), x1 = _mm512_loadu_si512(xp + 16), x2 = _mm512_loadu_si512(xp + 32),
+                    x3 = _mm512_loadu_si512(xp + 48);
+      MSBNB_I8_ROW(0, a00, a01, a02, a03)
+      MSBNB_I8_ROW(1, a10, a11, a12, a13)
+      MSBNB_I8_ROW(2, a20, a21, a22, a23)
+      MSBNB_I8_ROW(3, a30, a31, a32, a33)
+    }
+    const __m512i c0 = _mm512_loadu_si512(cb), c1 = _mm512_loadu_si512(cb + 16), c2 = _mm512_loadu_si512(cb + 32),
+                  c3 = _mm512_loadu_si512(cb + 48);
+    const float *sb = sxT + b * Mp + m0;
+    const __m512 s0 = _mm512_loadu_ps(sb), s1 = _mm512_loadu_ps(sb + 16), s2 = _mm512_loadu_ps(sb + 32),
+                 s3 = _mm512_loadu_ps(sb + 48);
+    MSBNB_I8_FLUSH(0, a00, a01, a02, a03)
+    MSBNB_I8_FLUSH(1, a10, a11, a12, a13)
+    MSBNB_I8_FLUSH(2, a20, a21, a22, a23)
+    MSBNB_I8_FLUSH(3, a30, a31, a32, a33)
+  }
+  alignas(64) float tmp[16];
+  (void)tmp;
+  for (int j = 0; j < rc; ++j)
+    for (int v = 0; v < 4; ++v)
+      for (int l = 0; l < 16; ++l) {
+        const int64_t m = m0 + 16 * v + l;
+        if (m < M) y[m * N + n + j] = fmem[j][v][l];
+      }
+}
+#undef MSBNB_I8_ACC
+#undef MSBNB_I8_ROW
+#undef MSBNB_I8_FLUSH
+
+// One weight row as unsigned int8 levels (level + 128): 4-bit codes through a vpshufb table, int8 codes xor 0x80.
+void decode_u8_row(const W4 *w4, const W8 *w8, __m256i lut, __m512i lut512, int64_t nn, int64_t K, uint8_t *out) {
+  if (w4) {  // K % 32 == 0 here (aligned layout, blocksize >= 32)
+    const uint8_t *row = w4->packed + nn * (K / 2);
+    int64_t i = 0;
+    for (; i + 2 <= K / 32; i += 2) {  // 64 codes per step
+      const __m512i w16 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(row + 16 * i)));
+      const __m512i idx = _mm512_or_si512(_mm512_srli_epi16(w16, 4),
+                                          _mm512_slli_epi16(_mm512_and_si512(w16, _mm512_set1_epi16(0x0F)), 8));
+      _mm512_storeu_si512(out + 32 * i, _mm512_shuffle_epi8(lut512, idx));
+    }
+    for (; i < K / 32; ++i) {
+      const __m256i w16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + 16 * i)));
+      const __m256i idx = _mm256_or_si256(_mm256_srli_epi16(w16, 4),
+                                          _mm256_slli_epi16(_mm256_and_si256(w16, _mm256_set1_epi16(0x0F)), 8));
+      _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + 32 * i), _mm256_shuffle_epi8(lut, idx));
+    }
+  } else {
+    const int8_t *row = w8->q + nn * K;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64)
+      _mm512_storeu_si512(out + k, _mm512_xor_si512(_mm512_loadu_si512(row + k), _mm512_set1_epi8((char)0x80)));
+    for (; k < K; ++k) out[k] = (uint8_t)(row[k] ^ (int8_t)0x80);
+  }
+}
+
+// Sums of the 16 lanes of each of 16 vectors, as one vector (lane j = sum of v[j]); exact in int32.
+inline __m512i hsum16(const __m512i *v) {
+  __m512i t[8], u[4];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]), _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
+  const __m512i w0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88), _mm512_shuffle_i32x4(u[0], u[1], 0xDD));
+  const __m512i w1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x88), _mm512_shuffle_i32x4(u[2], u[3], 0xDD));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(w0, w1, 0x88), _mm512_shuffle_i32x4(w0, w1, 0xDD));
+}
+
+// Small M (1 to 4 rows of x): 16 weight rows in the lanes of the float accumulator. Per block, one vpdpbusd per
+// weight row and 64 codes (k in the lanes), the 16 rows' sums gathered by hsum16, then the same per-block float
+// steps as i8_gemm_generic, lane by lane (so the results are the same bits). Needs blocks of 64k elements.
+void i8_small(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const W8 *w8, float *y) {
+  const int64_t nb = a.nb, B = a.B, ldw = round_up(K, 64);
+  int8_t lv[16];
+  alignas(16) uint8_t lut_bytes[16] = {0};
+  if (w4) {
+    code_levels(w4->code, lv);
+    for (int i = 0; i < 16; ++i) lut_bytes[i] = (uint8_t)(lv[i] + 128);
+  }
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i *>(lut_bytes)));
+  const __m512i lut512 = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i *>(lut_bytes)));
+  const int64_t groups = ceil_div(N, 16);
+  const int64_t per_task = imax(1, ceil_div(groups, 8 * num_threads()));
+  parallel_tasks(ceil_div(groups, per_task), [&](int64_t t) {
+    uint8_t *wu8 = static_cast<uint8_t *>(scratch(0, (size_t)(16 * ldw) + sizeof(float) * (size_t)(16 * nb) + 64));
+    float *wsT = reinterpret_cast<float *>(wu8 + 16 * ldw);  // [nb][16]
+    for (int64_t g = t * per_task; g < imin(groups, (t + 1) * per_task); ++g) {
+      const int64_t n0 = g * 16;
+      const int rc = (int)imin(16, N - n0);
+      for (int r = 0; r < 16; ++r) {
+        const int64_t nn = n0 + (r < rc ? r : 0);
+        decode_u8_row(w4, w8, lut, lut512, nn, K, wu8 + r * ldw);
+        for (int64_t b = 0; b < nb; ++b) wsT[b * 16 + r] = i8_wscale(w4, w8, nn, b);
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t *xq = a.q + m * a.Kp;
+        __m512 facc = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; ++b) {
+          const int64_t k0 = b * B, k1 = imin(K, k0 + B);
+          __m512i v[16];
+          for (int r = 0; r < 16; ++r) v[r] = _mm512_setzero_si512();
+          for (int64_t k = k0; k < k1; k += 64) {
+            const __m512i xv = _mm512_loadu_si512(xq + k);
+            for (int r = 0; r < 16; ++r) v[r] = dpbusd_inplace(v[r], _mm512_loadu_si512(wu8 + r * ldw + k), xv);
+          }
+          const __m512i dot = _mm512_add_epi32(hsum16(v), _mm512_set1_epi32(-128 * a.qsum[m * nb + b]));
+          const __m512 s = _mm512_mul_ps(_mm512_set1_ps(a.s[m * nb + b]), _mm512_loadu_ps(wsT + b * 16));
+          facc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, facc);
+        }
+        alignas(64) float out[16];
+        _mm512_store_ps(out, facc);
+        for (int r = 0; r < rc; ++r) y[m * N + n0 + r] = out[r];
+      }
+    }
+  });
+}
+
+void i8_gemm_rows(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const W8 *w8, float *y);
+
+// Blocks of 128 rows of x, so that the transposed activations of a block (K/4 x 128 dwords: 512 KB at
+// K = 4096) stay in L2 while every weight row passes over them; the weights are decoded once per block.
+constexpr int64_t kI8MB = 128;
+void i8_gemm(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const W8 *w8, float *y) {
+  if (M <= 4 && a.B % 64 == 0 && K % 64 == 0) return i8_small(a, M, K, N, w4, w8, y);
+  for (int64_t mb0 = 0; mb0 < M; mb0 += kI8MB) {
+    ActQ part = a;
+    part.q = a.q + mb0 * a.Kp;
+    part.s = a.s + mb0 * a.nb;
+    part.qsum = a.qsum + mb0 * a.nb;
+    i8_gemm_rows(part, imin(kI8MB, M - mb0), K, N, w4, w8, y + mb0 * N);
+  }
+}
+
+void i8_gemm_rows(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const W8 *w8, float *y) {
+  const int64_t Mp = round_up(M, 16), K4 = ceil_div(K, 4), nb = a.nb, B4 = a.B / 4;
+  const size_t xbytes = sizeof(int32_t) * (size_t)(K4 * Mp), cbytes = sizeof(int32_t) * (size_t)(nb * Mp);
+  char *mem = static_cast<char *>(scratch(3, xbytes + 2 * cbytes + 64));
+  int32_t *xT = reinterpret_cast<int32_t *>(mem);
+  int32_t *corr = reinterpret_cast<int32_t *>(mem + xbytes);
+  float *sxT = reinterpret_cast<float *>(mem + xbytes + cbytes);
+  parallel_tasks(Mp / 16, [&](int64_t t) {
+    const int64_t m0 = t * 16;
+    for (int64_t k4 = 0; k4 < K4; ++k4)
+      for (int64_t m = m0; m < m0 + 16; ++m) {
+        int32_t v = 0;
+        if (m < M) __builtin_memcpy(&v, a.q + m * a.Kp + 4 * k4, 4);
+        xT[k4 * Mp + m] = v;
+      }
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t m = m0; m < m0 + 16; ++m) {
+        corr[b * Mp + m] = m < M ? -128 * a.qsum[m * nb + b] : 0;
+        sxT[b * Mp + m] = m < M ? a.s[m * nb + b] : 0.f;
+      }
+  });
+  int8_t lv[16];
+  alignas(16) uint8_t lut_bytes[16];
+  if (w4) {
+    code_levels(w4->code, lv);
+    for (int i = 0; i < 16; ++i) lut_bytes[i] = (uint8_t)(lv[i] + 128);
+  }
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i *>(lut_bytes)));
+  const __m512i lut512 = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i *>(lut_bytes)));
+  const int64_t ldw = round_up(K4 * 4, 64);
+  const int64_t per_task = imax(kI8NR, round_up(ceil_div(N, 8 * num_threads()), kI8NR));
+  parallel_tasks(ceil_div(N, per_task), [&](int64_t t) {
+    const int64_t n0 = t * per_task, n1 = imin(N, n0 + per_task);
+    uint8_t *wu8 = static_cast<uint8_t *>(scratch(0, (size_t)(kI8NR * ldw) + sizeof(float) * (size_t)(kI8NR * nb)));
+    float *ws = reinterpret_cast<float *>(wu8 + kI8NR * ldw);
+    for (int64_t n = n0; n < n1; n += kI8NR) {
+      const int rc = (int)imin(kI8NR, n1 - n);
+      for (int r = 0; r < kI8NR; ++r) {
+        const int64_t nn = n + (r < rc ? r : 0);
+        uint8_t *out = wu8 + r * ldw;
+        decode_u8_row(w4, w8, lut, lut512, nn, K, out);
+        for (int64_t k = K; k < K4 * 4; ++k) out[k] = 0x80;
+        for (int64_t b = 0; b < nb; ++b) ws[r * nb + b] = i8_wscale(w4, w8, nn, b);
+      }
+      int64_t m0 = 0;
+      for (; m0 + 64 <= Mp; m0 += 64) i8_tile44(xT, corr, sxT, Mp, m0, M, K4, B4, nb, wu8, ldw, ws, n, rc, N, y);
+      for (; m0 + 32 <= Mp; m0 += 32) i8_tile<2>(xT, corr, sxT, Mp, m0, M, K4, B4, nb, wu8, ldw, ws, n, rc, N, y);
+      if (m0 < Mp) i8_tile<1>(xT, corr, sxT, Mp, m0, M, K4, B4, nb, wu8, ldw, ws, n, rc, N, y);
+    }
+  });
+}
+
 bool fast_linear4bit(const float *x, int64_t M, const W4 &w, const float *bias, float *y) {
   const bool pow2 = (w.bs & (w.bs - 1)) == 0;
   if (M < 1 || M > 4 || w.N < 1 || w.block_offset || w.K % 128 || !pow2 || w.bs < 32 || w.K % w.bs) return false;

@@ -70,11 +70,22 @@ struct KernelTable {
                                   float *absmax);
   // CB = round(A * 127 / absmax_row), SCB = absmax_row
   void (*int8_rowwise)(const float *a, int64_t rows, int64_t cols, int8_t *cb, float *scb);
+  // bfloat16 compute: x and the decoded weights rounded to bf16 (round to nearest even, bf16 denormals
+  // read as zero), products summed in float32 as AVX512-BF16's vdpbf16ps does (natively or emulated)
+  void (*linear4bit_bf16)(const float *x, int64_t M, const W4 &w, const float *bias, float *y);
+  void (*linear8bit_bf16)(const float *x, int64_t M, const W8 &w, const float *bias, float *y);
+  // int8 compute: x quantized to int8 per row and block on the fly, weights as int8 levels, int32 sums
+  // per block scaled in float32
+  void (*linear4bit_i8)(const float *x, int64_t M, const W4 &w, const float *bias, float *y);
+  void (*linear8bit_i8)(const float *x, int64_t M, const W8 &w, const float *bias, float *y);
 };
 
 extern const KernelTable kTableAvx512;
 extern const KernelTable kTableAvx2;
 extern const KernelTable kTablePortable;
+
+// ---- bf16 dot products: native vdpbf16ps where the CPU has AVX512-BF16 and it is not disabled --------
+bool bf16_native_enabled();
 
 // ---- threads -----------------------------------------------------------------------------------------
 int num_threads();
