@@ -49,6 +49,7 @@ KINDS_4BIT = [
     "4bit-fp4-64-plain-sym",
     "4bit-int4-32-plain-sym",
     "4bit-int4-128-dq-asym",
+    "4bit-int4-32-plain-asym",  # GGUF Q4_1's layout: blocks of 32 with a scale and an offset each
     "4bit-nf4-4096-dq-sym",
 ]
 KINDS = KINDS_4BIT + ["int8", "int8-asym-tensor"]
@@ -105,8 +106,9 @@ def isa(request):
 
 
 ALL_ISAS = ["avx512", "avx2", "portable"]
-# M = 1 (fused small-M path), M = 6 (panel GEMM), K > 1024 (several panels), unaligned K
-ISA_SHAPES = [(40, 256, (1,)), (24, 130, (6,)), (20, 2304, (5,)), (33, 70, (2,))]
+# M = 1 (fused small-M path), M = 6 (panel GEMM), K > 1024 (several panels), unaligned K, and K = 576 = 4.5 x 128
+# (SmolLM2's hidden size: the nibble-plane path with a last half chunk) at M = 1 and 4
+ISA_SHAPES = [(40, 256, (1,)), (24, 130, (6,)), (20, 2304, (5,)), (33, 70, (2,)), (24, 576, (1,)), (12, 576, (4,))]
 
 
 @needs_lib

@@ -193,23 +193,37 @@ inline void row_scales(const W4 &w, const int64_t *first_block, int64_t bpr, flo
   }
 }
 
-template <int M, int R>
-void planes_rows(const float *xp, const W4 &w, int64_t n0, int64_t n1, const float *bias, float *y) {
-  const int64_t K = w.K, nchunks = K / 128, bs = w.bs, bpr = K / bs;
-  const __m512 lut = _mm512_loadu_ps(w.code);
-  const __mmask16 hi8 = 0xFF00;
+// Per-lane block values (scale or offset) of one 128-weight chunk: lane j holds weights 8j..8j+7, so with
+// blocks of 32 lanes 4b..4b+3 share block b, with 64 the upper 8 lanes are the second block.
+inline __m512 chunk_lanes(const float *v, int64_t c, int64_t bs, int chunk_shift) {
+  if (bs >= 128) return _mm512_set1_ps(v[c >> chunk_shift]);
+  if (bs == 64) return _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(v[2 * c]), _mm512_set1_ps(v[2 * c + 1]));
   const __m512i quarter = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  return _mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(_mm_loadu_ps(v + 4 * c)));
+}
+
+// Rows [n0, n1) of y = x @ W^T + bias. Symmetric codes: the unscaled code table is decoded, each chunk's
+// partial sums are multiplied by the block scale. Asymmetric (block_offset): every weight is decoded exactly
+// as the oracle does, fl(fl(code * scale) + offset), before its product. A last half chunk (K % 128 == 64,
+// blocks of 32 or 64) is decoded 16 codes at a time in natural order (its activations are not permuted).
+template <int M, int R, bool ASYM>
+void planes_rows(const float *xp, const W4 &w, int64_t n0, int64_t n1, const float *bias, float *y) {
+  const int64_t K = w.K, nchunks = K / 128, bs = w.bs, bpr = K / bs, tail0 = nchunks * 128;
+  const __m512 lut = _mm512_loadu_ps(w.code);
+  const Lut raw{lut};
   int chunk_shift = 0;  // bs > 128: chunks per block = bs / 128 (a power of two)
   while ((int64_t(128) << chunk_shift) < bs) ++chunk_shift;
   float *scales = static_cast<float *>(scratch(0, sizeof(float) * (size_t)(R * bpr + 16)));
   for (int64_t n = n0; n < n1; n += R) {
     const int rc = (int)imin(R, n1 - n);
     const uint8_t *rows[R];
+    const float *offs[R];
     int64_t first_block[R];
     for (int r = 0; r < R; ++r) {
       const int64_t nn = n + (r < rc ? r : 0);
       rows[r] = w.packed + nn * (K / 2);
       first_block[r] = nn * bpr;
+      offs[r] = ASYM ? w.block_offset + nn * bpr : nullptr;
     }
     row_scales<R>(w, first_block, bpr, scales);
     __m512 acc[M][R];
@@ -218,10 +232,27 @@ void planes_rows(const float *xp, const W4 &w, int64_t n0, int64_t n1, const flo
     for (int64_t c = 0; c < nchunks; ++c) {
       __m512i v[R];
       for (int r = 0; r < R; ++r) v[r] = _mm512_loadu_si512(rows[r] + c * 64);
+      const float *xc = xp + c * 128;
+      if (ASYM) {
+        __m512 sv[R], ov[R];
+        for (int r = 0; r < R; ++r) {
+          sv[r] = chunk_lanes(scales + r * bpr, c, bs, chunk_shift);
+          ov[r] = chunk_lanes(offs[r], c, bs, chunk_shift);
+        }
+        for (int s = 0; s < 8; ++s) {
+          __m512 xv[M];
+          for (int i = 0; i < M; ++i) xv[i] = _mm512_loadu_ps(xc + i * K + s * 16);
+          for (int r = 0; r < R; ++r) {
+            const __m512 code = _mm512_permutexvar_ps(_mm512_srli_epi32(v[r], 4 * s), lut);
+            const __m512 wv = _mm512_add_ps(_mm512_mul_ps(code, sv[r]), ov[r]);
+            for (int i = 0; i < M; ++i) acc[i][r] = _mm512_fmadd_ps(wv, xv[i], acc[i][r]);
+          }
+        }
+        continue;
+      }
       __m512 part[M][R];
       for (int i = 0; i < M; ++i)
         for (int r = 0; r < R; ++r) part[i][r] = _mm512_setzero_ps();
-      const float *xc = xp + c * 128;
       for (int s = 0; s < 8; ++s) {
         __m512 xv[M];
         for (int i = 0; i < M; ++i) xv[i] = _mm512_loadu_ps(xc + i * K + s * 16);
@@ -231,16 +262,19 @@ void planes_rows(const float *xp, const W4 &w, int64_t n0, int64_t n1, const flo
         }
       }
       for (int r = 0; r < R; ++r) {
-        const float *sc = scales + r * bpr;
-        __m512 sv;
-        if (bs >= 128) {
-          sv = _mm512_set1_ps(sc[c >> chunk_shift]);
-        } else if (bs == 64) {
-          sv = _mm512_mask_blend_ps(hi8, _mm512_set1_ps(sc[2 * c]), _mm512_set1_ps(sc[2 * c + 1]));
-        } else {  // 32: four blocks of four lanes
-          sv = _mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(_mm_loadu_ps(sc + 4 * c)));
-        }
+        const __m512 sv = chunk_lanes(scales + r * bpr, c, bs, chunk_shift);
         for (int i = 0; i < M; ++i) acc[i][r] = _mm512_fmadd_ps(part[i][r], sv, acc[i][r]);
+      }
+    }
+    for (int64_t k = tail0; k < K; k += 16) {  // the half chunk: blocks of 32 or 64 only
+      const int64_t b = k / bs;
+      __m512 xv[M];
+      for (int i = 0; i < M; ++i) xv[i] = _mm512_loadu_ps(xp + i * K + k);
+      for (int r = 0; r < R; ++r) {
+        const __m512 code = lut_decode(raw, rows[r] + k / 2);
+        const __m512 s = _mm512_set1_ps(scales[r * bpr + b]);
+        const __m512 wv = ASYM ? _mm512_add_ps(_mm512_mul_ps(code, s), _mm512_set1_ps(offs[r][b])) : _mm512_mul_ps(code, s);
+        for (int i = 0; i < M; ++i) acc[i][r] = _mm512_fmadd_ps(wv, xv[i], acc[i][r]);
       }
     }
     for (int i = 0; i < M; ++i)
@@ -250,10 +284,13 @@ void planes_rows(const float *xp, const W4 &w, int64_t n0, int64_t n1, const flo
 
 template <int M, int R>
 void planes(const float *xp, const W4 &w, const float *bias, float *y) {
-  const int64_t per_task = imax(R, round_up(ceil_div(w.N, 16 * num_threads()), R));
+  const int64_t per_task = gemv_rows_per_task(w.N, w.K, R, 16);
   parallel_tasks(ceil_div(w.N, per_task), [&](int64_t t) {
-    const int64_t n0 = t * per_task;
-    planes_rows<M, R>(xp, w, n0, imin(w.N, n0 + per_task), bias, y);
+    const int64_t n0 = t * per_task, n1 = imin(w.N, n0 + per_task);
+    if (w.block_offset)
+      planes_rows<M, R, true>(xp, w, n0, n1, bias, y);
+    else
+      planes_rows<M, R, false>(xp, w, n0, n1, bias, y);
   });
 }
 
@@ -612,13 +649,17 @@ void i8_gemm_rows(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, 
 
 bool fast_linear4bit(const float *x, int64_t M, const W4 &w, const float *bias, float *y) {
   const bool pow2 = (w.bs & (w.bs - 1)) == 0;
-  if (M < 1 || M > 4 || w.N < 1 || w.block_offset || w.K % 128 || !pow2 || w.bs < 32 || w.K % w.bs) return false;
-  const int64_t K = w.K;
+  // whole 128-weight chunks, plus a last half chunk when it holds whole blocks (blocks of 32 or 64)
+  const bool shape_ok = w.K % 128 == 0 || (w.K % 64 == 0 && w.bs <= 64);
+  if (M < 1 || M > 4 || w.N < 1 || !shape_ok || !pow2 || w.bs < 32 || w.K % w.bs) return false;
+  const int64_t K = w.K, tail0 = K / 128 * 128;
   float *xp = static_cast<float *>(scratch(2, sizeof(float) * (size_t)(M * K)));
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t c = 0; c < K; c += 128)
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t c = 0; c < tail0; c += 128)
       for (int s = 0; s < 8; ++s)
         for (int j = 0; j < 16; ++j) xp[m * K + c + s * 16 + j] = x[m * K + c + 8 * j + kPlanePos[s]];
+    for (int64_t k = tail0; k < K; ++k) xp[m * K + k] = x[m * K + k];
+  }
   switch (M) {
     case 1: planes<1, 4>(xp, w, bias, y); break;
     case 2: planes<2, 4>(xp, w, bias, y); break;
