@@ -78,6 +78,9 @@ _EXPORTS = {
     "save_lora_adapters": "lora",
     "load_lora_adapters": "lora",
     "prepare_model_for_kbit_training": "lora",
+    # 8-bit optimizers
+    "AdamW8bit": "optim",
+    "Adam8bit": "optim",
 }
 
 _SUBMODULES = (
@@ -96,6 +99,7 @@ _SUBMODULES = (
     "io",
     "pretrained",
     "lora",
+    "optim",
 )
 
 __all__ = ["__version__", "dump", "verify", *_SUBMODULES, *sorted(_EXPORTS)]

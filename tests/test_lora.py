@@ -237,7 +237,7 @@ def test_merge_float_base_exact_within_rounding(ms_cpu):
     assert_matmul_close(net(Tensor(x)).asnumpy(), x, w, net.fc.base_layer.bias.asnumpy())
 
 
-def _train(net, steps: int, lr: float, seed: int = 0):
+def _train(net, steps: int, lr: float, seed: int = 0, optimizer=None):
     import mindspore as ms
     from mindspore import Tensor, nn, ops
 
@@ -246,7 +246,7 @@ def _train(net, steps: int, lr: float, seed: int = 0):
     starts = rng.integers(0, 64, (8, 1))
     seq = (starts + np.arange(17)) % 64
     ids, labels = Tensor(seq[:, :-1].astype(np.int32)), Tensor(seq[:, 1:].astype(np.int32))
-    opt = nn.Adam(net.trainable_params(), learning_rate=lr)
+    opt = (optimizer or nn.Adam)(net.trainable_params(), learning_rate=lr)
     loss_fn = nn.CrossEntropyLoss()
 
     def forward(x, y):
