@@ -295,3 +295,34 @@ def test_qlora_training_graph_mode(ms_cpu):
     assert fp_losses[-1] < 0.4 * fp_losses[0]
     print(f"QLoRA loss {losses[0]:.3f} -> {losses[-1]:.3f}; fp32 LoRA {fp_losses[0]:.3f} -> {fp_losses[-1]:.3f}")
     assert losses[-1] < 2 * fp_losses[-1] + 0.2
+
+
+def test_qlora_on_a_from_pretrained_model(ms_cpu, tmp_path):
+    from mindspore import Tensor
+
+    from msbnb_pass import (
+        BitsAndBytesConfig,
+        Linear4bit,
+        LoraConfig,
+        from_pretrained,
+        get_qlora_model,
+        load_lora_adapters,
+        save_lora_adapters,
+        save_pretrained,
+    )
+
+    save_pretrained(_llama(), tmp_path / "float")
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    net = from_pretrained(tmp_path / "float", bnb)
+    assert isinstance(net.model.layers[0].self_attn.q_proj, Linear4bit)
+    get_qlora_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=r".*\.(q_proj|v_proj)"), rules=None)
+    before = _base_bytes(net)
+    losses = _train(net, 12, 1e-2)
+    assert losses[-1] < losses[0] and _base_bytes(net) == before
+    save_lora_adapters(net, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "float"))
+    ids = Tensor(np.arange(16, dtype=np.int32).reshape(2, 8))
+    net.set_train(False)
+    y = net(ids).asnumpy()
+    again = from_pretrained(tmp_path / "float", bnb)
+    load_lora_adapters(again, tmp_path / "adapter")
+    assert np.array_equal(again(ids).asnumpy(), y)
