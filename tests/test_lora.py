@@ -326,3 +326,28 @@ def test_qlora_on_a_from_pretrained_model(ms_cpu, tmp_path):
     again = from_pretrained(tmp_path / "float", bnb)
     load_lora_adapters(again, tmp_path / "adapter")
     assert np.array_equal(again(ids).asnumpy(), y)
+
+
+def test_prepare_model_for_kbit_training_upcasts_and_recomputes(ms_cpu):
+    import mindspore as ms
+    from mindspore import nn
+
+    from msbnb_pass import MsbnbError, prepare_model_for_kbit_training
+
+    class Net(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.CellList([nn.Dense(8, 8), nn.Dense(8, 8)])
+            self.norm = nn.LayerNorm((8,))
+            self.norm.gamma.set_data(self.norm.gamma.astype(ms.float16), slice_shape=True)
+
+        def construct(self, x):
+            return self.norm(self.blocks[1](self.blocks[0](x)))
+
+    net = Net()
+    out = prepare_model_for_kbit_training(net)
+    assert out["upcast"] == ["norm.gamma"] and net.norm.gamma.dtype == ms.float32
+    assert out["recomputed"] == ["blocks.0", "blocks.1"]
+    assert not net.trainable_params()
+    with pytest.raises(MsbnbError, match="checkpoint_blocks"):
+        prepare_model_for_kbit_training(net, checkpoint_blocks=["nope"])
