@@ -739,7 +739,9 @@ def prepare_model_for_kbit_training(
             continue
         for attr, p in cell.parameters_and_names(expand=False):
             if p.dtype in (ms.float16, ms.bfloat16):
-                p.set_data(ops.cast(p, ms.float32), slice_shape=True)
+                # set_data keeps a Parameter's dtype: put a float32 Parameter of the same name in its place
+                new = Parameter(ops.cast(p, ms.float32), name=p.name, requires_grad=False)
+                cell._params[attr] = new
                 upcast.append(f"{name}.{attr}" if name else attr)
     recomputed: list[str] = []
     if use_gradient_checkpointing:

@@ -330,7 +330,7 @@ def test_qlora_on_a_from_pretrained_model(ms_cpu, tmp_path):
 
 def test_prepare_model_for_kbit_training_upcasts_and_recomputes(ms_cpu):
     import mindspore as ms
-    from mindspore import nn
+    from mindspore import Parameter, Tensor, nn
 
     from msbnb_pass import MsbnbError, prepare_model_for_kbit_training
 
@@ -338,15 +338,16 @@ def test_prepare_model_for_kbit_training_upcasts_and_recomputes(ms_cpu):
         def __init__(self):
             super().__init__()
             self.blocks = nn.CellList([nn.Dense(8, 8), nn.Dense(8, 8)])
-            self.norm = nn.LayerNorm((8,))
-            self.norm.gamma.set_data(self.norm.gamma.astype(ms.float16), slice_shape=True)
+            self.scale = Parameter(Tensor(np.ones(8, np.float16)), name="scale")
 
         def construct(self, x):
-            return self.norm(self.blocks[1](self.blocks[0](x)))
+            return self.blocks[1](self.blocks[0](x)) * self.scale
 
     net = Net()
     out = prepare_model_for_kbit_training(net)
-    assert out["upcast"] == ["norm.gamma"] and net.norm.gamma.dtype == ms.float32
+    assert out["upcast"] == ["scale"] and net.scale.dtype == ms.float32
+    assert [p.dtype for p in net.get_parameters()].count(ms.float16) == 0
+    assert net(Tensor(np.ones((2, 8), np.float32))).dtype == ms.float32
     assert out["recomputed"] == ["blocks.0", "blocks.1"]
     assert not net.trainable_params()
     with pytest.raises(MsbnbError, match="checkpoint_blocks"):
