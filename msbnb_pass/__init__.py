@@ -64,6 +64,23 @@ _EXPORTS = {
     "save_pretrained": "pretrained",
     "dequantize_model": "pretrained",
     "tokenizer_from_pretrained": "pretrained",
+    # LoRA / QLoRA
+    "LoraConfig": "lora",
+    "LoRALinear": "lora",
+    "Linear4bitWithLoRA": "lora",
+    "Linear8bitWithLoRA": "lora",
+    "add_lora": "lora",
+    "get_qlora_model": "lora",
+    "freeze_model_except_lora": "lora",
+    "print_lora_info": "lora",
+    "merge_lora": "lora",
+    "unmerge_lora": "lora",
+    "save_lora_adapters": "lora",
+    "load_lora_adapters": "lora",
+    "prepare_model_for_kbit_training": "lora",
+    # 8-bit optimizers
+    "AdamW8bit": "optim",
+    "Adam8bit": "optim",
 }
 
 _SUBMODULES = (
@@ -81,6 +98,8 @@ _SUBMODULES = (
     "models",
     "io",
     "pretrained",
+    "lora",
+    "optim",
 )
 
 __all__ = ["__version__", "dump", "verify", *_SUBMODULES, *sorted(_EXPORTS)]

@@ -1,0 +1,769 @@
+"""LoRA and QLoRA: low-rank adapters on float, 8-bit and 4-bit Linear layers.
+
+peft's LoRA, in MindSpore terms (facts and algorithms only, no code copied):
+
+* forward: ``y = base(x) + lora_B(lora_A(dropout(x))) * scaling`` with ``scaling = lora_alpha / r``;
+* initialisation: ``lora_A`` kaiming-uniform with ``a = sqrt(5)`` (bound ``1 / sqrt(in_features)``),
+  ``lora_B`` zeros, so a freshly wrapped layer computes exactly what its base computes;
+* the wrapped layer keeps its base as ``<path>.base_layer`` and the adapters as ``<path>.lora_A.weight``
+  ``[r, in]`` and ``<path>.lora_B.weight`` ``[out, r]`` (peft's names without the adapter name);
+* adapters on disk: ``adapter_model.safetensors`` with keys ``base_model.model.<path>.lora_A.weight`` /
+  ``.lora_B.weight`` and ``adapter_config.json`` with peft's fields, so adapters move both ways.
+
+Composition with quantization: ``get_qlora_model(net, LoraConfig(...), rules="nf4")`` runs the pass
+(``msbnb_pass.apply(net, "nf4")``) and then wraps the targeted layers, quantized or not, with adapters
+(``add_lora``); the two steps are one call and the result is one network. (The pass's rule engine rewrites
+one layer with one rule; adapters wrap whatever that rule produced, so they are added after it.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import HeUniform, initializer
+
+from .errors import CheckpointError, ConfigError, MsbnbError, closest
+from .nn import Linear4bit, Linear8bit, Linear8bitLt
+from .nn._base import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "Linear4bitWithLoRA",
+    "Linear8bitWithLoRA",
+    "LoRALinear",
+    "LoraConfig",
+    "LoraLayer",
+    "LoraError",
+    "add_lora",
+    "freeze_model_except_lora",
+    "get_qlora_model",
+    "load_lora_adapters",
+    "lora_layers",
+    "merge_lora",
+    "prepare_model_for_kbit_training",
+    "print_lora_info",
+    "save_lora_adapters",
+    "unmerge_lora",
+]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+BIAS_MODES = ("none",)
+
+
+class LoraError(MsbnbError):
+    """A LoRA configuration, target or adapter file that cannot be used."""
+
+
+def _positive(name: str, value: Any, kind: type = int) -> Any:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else (int, np.integer))
+    if not ok or not value > 0 or (kind is float and not math.isfinite(float(value))):
+        what = "a positive integer" if kind is int else "a positive finite number"
+        raise LoraError(f"{name} must be {what}, got {value!r}")
+    return kind(value)
+
+
+def _dropout_value(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise LoraError(f"lora_dropout must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+# ---- configuration --------------------------------------------------------------------------------------------
+@dataclass
+class LoraConfig:
+    """peft's LoraConfig fields that this implementation honours.
+
+    ``target_modules``: a list of module names, each matching a layer whose path equals it or ends with
+    ``"." + name`` (peft's rule: ``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``); or one string,
+    a regular expression that must match the whole path (``re.fullmatch``); or ``"all-linear"`` (every
+    Linear-like layer except the output head ``lm_head``); None means "all-linear".
+    ``bias`` must be "none" (bias training modes are not implemented).
+    """
+
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    bias: str = "none"
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    exclude_modules: list[str] = field(default_factory=lambda: ["lm_head"])
+
+    def __post_init__(self) -> None:
+        self.r = _positive("r", self.r, int)
+        alpha = self.lora_alpha
+        self.lora_alpha = _positive("lora_alpha", alpha, float)
+        if float(alpha).is_integer():
+            self.lora_alpha = int(alpha)
+        self.lora_dropout = _dropout_value(self.lora_dropout)
+        if self.bias not in BIAS_MODES:
+            raise LoraError(f"bias = {self.bias!r} is not supported; accepted: {list(BIAS_MODES)}")
+        tm = self.target_modules
+        if isinstance(tm, str):
+            if tm != "all-linear":
+                try:
+                    re.compile(tm)
+                except re.error as exc:
+                    raise LoraError(f"target_modules = {tm!r} is not a valid regular expression: {exc}") from None
+        elif tm is not None:
+            if isinstance(tm, (set, tuple)):
+                tm = sorted(tm)
+            if not isinstance(tm, list) or not tm or not all(isinstance(t, str) and t for t in tm):
+                raise LoraError(
+                    f"target_modules must be a non-empty list of module names, a regex string or 'all-linear', "
+                    f"got {self.target_modules!r}"
+                )
+            self.target_modules = list(tm)
+
+    @property
+    def scaling(self) -> float:
+        return float(self.lora_alpha) / self.r
+
+    def matches(self, path: str) -> bool:
+        """Is the layer at ``path`` a target (peft's matching)?"""
+        tm = self.target_modules
+        if tm is None or tm == "all-linear":
+            return not any(path == e or path.endswith("." + e) for e in self.exclude_modules)
+        if isinstance(tm, str):
+            return re.fullmatch(tm, path) is not None
+        return any(path == t or path.endswith("." + t) for t in tm)
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The fields of peft's ``adapter_config.json``."""
+        return {
+            "alpha_pattern": {},
+            "auto_mapping": None,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "bias": self.bias,
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "layers_pattern": None,
+            "layers_to_transform": None,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "modules_to_save": None,
+            "peft_type": "LORA",
+            "r": self.r,
+            "rank_pattern": {},
+            "revision": None,
+            "target_modules": self.target_modules,
+            "task_type": self.task_type,
+            "use_dora": False,
+            "use_rslora": False,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        """Read peft's ``adapter_config.json`` (refusing the variants this implementation does not compute)."""
+        if data.get("peft_type", "LORA") != "LORA":
+            raise LoraError(f"adapter_config.json: peft_type = {data.get('peft_type')!r}; accepted: ['LORA']")
+        for key in ("use_dora", "use_rslora", "fan_in_fan_out"):
+            if data.get(key):
+                raise LoraError(f"adapter_config.json: {key} = {data[key]!r} is not supported (only plain LoRA)")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if data.get(key):
+                raise LoraError(f"adapter_config.json: a non-empty {key} is not supported, got {data[key]!r}")
+        tm = data.get("target_modules")
+        return cls(
+            r=data.get("r", 8),
+            lora_alpha=data.get("lora_alpha", 8),
+            lora_dropout=data.get("lora_dropout", 0.0),
+            target_modules=tm,
+            bias=data.get("bias", "none"),
+            task_type=data.get("task_type"),
+            base_model_name_or_path=data.get("base_model_name_or_path"),
+        )
+
+
+# ---- the cells ------------------------------------------------------------------------------------------------
+def _is_linear(cell: nn.Cell) -> bool:
+    from mindspore import mint
+
+    return isinstance(cell, (nn.Dense, mint.nn.Linear, QuantLinear))
+
+
+def _features(cell: nn.Cell) -> tuple[int, int]:
+    if isinstance(cell, QuantLinear):
+        return cell.in_features, cell.out_features
+    shape = tuple(cell.weight.shape)
+    return int(shape[1]), int(shape[0])
+
+
+def _has_activation(cell: nn.Cell) -> bool:
+    return bool(getattr(cell, "activation_flag", False))
+
+
+class LoraLayer(nn.Cell):
+    """A Linear-like ``base_layer`` plus a trainable low-rank update:
+    ``y = base_layer(x) + lora_B(lora_A(dropout(x))) * (lora_alpha / r)``.
+
+    The base is frozen (``requires_grad=False`` on its parameters) when the layer is built."""
+
+    def __init__(
+        self,
+        base_layer: nn.Cell,
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        *,
+        freeze_base: bool = True,
+    ):
+        super().__init__()
+        r = _positive("r", r, int)
+        alpha = _positive("lora_alpha", lora_alpha, float)
+        dropout = _dropout_value(lora_dropout)
+        if not _is_linear(base_layer):
+            raise LoraError(
+                f"LoRA needs a Linear-like base layer (nn.Dense, mint.nn.Linear, Linear4bit, Linear8bit, "
+                f"Linear8bitLt), got {type(base_layer).__name__}"
+            )
+        if _has_activation(base_layer):
+            raise LoraError(
+                "LoRA adds its update to the linear output; a base layer with a fused activation "
+                f"({type(base_layer.activation).__name__}) would apply it to the base part only"
+            )
+        self.in_features, self.out_features = _features(base_layer)
+        if r > min(self.in_features, self.out_features):
+            logger.warning(
+                "LoRA rank r=%d exceeds min(in_features, out_features)=%d: the update is not low-rank",
+                r,
+                min(self.in_features, self.out_features),
+            )
+        self.r = r
+        self.lora_alpha = int(alpha) if alpha.is_integer() else alpha
+        self.lora_dropout_p = dropout
+        self.scaling = float(alpha) / r
+        self.base_layer = base_layer
+        a = initializer(HeUniform(math.sqrt(5)), [r, self.in_features], ms.float32).init_data().asnumpy()
+        self.lora_A = nn.Dense(self.in_features, r, weight_init=Tensor(a.astype(np.float32)), has_bias=False)
+        self.lora_B = nn.Dense(r, self.out_features, weight_init="zeros", has_bias=False)
+        self.use_dropout = dropout > 0.0
+        self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
+        self.merged = False
+        if freeze_base:
+            for p in base_layer.get_parameters():
+                p.requires_grad = False
+
+    def construct(self, x):
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        h = x
+        if self.use_dropout:
+            h = self.lora_dropout(h)
+        delta = self.lora_B(self.lora_A(h)) * self.scaling
+        return y + ops.cast(delta, y.dtype)
+
+    # ---- python side ---------------------------------------------------------------------------------------
+    def delta_weight(self) -> np.ndarray:
+        """``B @ A * scaling`` as float32 ``[out, in]`` (float64 product, rounded once)."""
+        a = self.lora_A.weight.asnumpy().astype(np.float64)
+        b = self.lora_B.weight.asnumpy().astype(np.float64)
+        return (b @ a * self.scaling).astype(np.float32)
+
+    def extend_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+    @classmethod
+    def _from_base(cls, base: nn.Cell, r: int, lora_alpha: float, lora_dropout: float) -> LoraLayer:
+        obj = cls.__new__(cls)
+        LoraLayer.__init__(obj, base, r, lora_alpha, lora_dropout)
+        return obj
+
+
+class LoRALinear(LoraLayer):
+    """LoRA on a float ``nn.Dense`` base: ``LoRALinear(768, 3072, r=8, lora_alpha=16)``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        bias: bool = True,
+    ):
+        base = nn.Dense(in_features, out_features, has_bias=bias)
+        super().__init__(base, r, lora_alpha, lora_dropout)
+
+    @classmethod
+    def from_linear(cls, layer: nn.Cell, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0) -> LoRALinear:
+        """Wrap an existing float Linear layer (kept as is, frozen)."""
+        return cls._from_base(layer, r, lora_alpha, lora_dropout)
+
+
+class Linear4bitWithLoRA(LoraLayer):
+    """QLoRA's layer: a frozen 4-bit base (NF4 + double quantization by default) plus float32 adapters.
+
+    ``Linear4bitWithLoRA(768, 3072, r=8, lora_alpha=16)`` quantizes a randomly initialised weight;
+    ``Linear4bitWithLoRA.from_linear(dense, r=8)`` quantizes an ``nn.Dense`` (or wraps a ``Linear4bit``).
+    ``quant_kwargs`` go to ``Linear4bit`` (quant_type, blocksize, compress_statistics, compute_dtype)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        bias: bool = True,
+        **quant_kwargs: Any,
+    ):
+        base = Linear4bit(in_features, out_features, bias, **quant_kwargs)
+        super().__init__(base, r, lora_alpha, lora_dropout)
+
+    @classmethod
+    def from_linear(
+        cls, layer: nn.Cell, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0, **quant_kwargs: Any
+    ) -> Linear4bitWithLoRA:
+        if not isinstance(layer, Linear4bit):
+            layer = Linear4bit.from_dense(layer, **quant_kwargs)
+        elif quant_kwargs:
+            raise LoraError(f"from_linear: the layer is already a Linear4bit; got quantization options {quant_kwargs}")
+        return cls._from_base(layer, r, lora_alpha, lora_dropout)
+
+
+class Linear8bitWithLoRA(LoraLayer):
+    """A frozen int8 base (``Linear8bit``, or ``Linear8bitLt`` when given one) plus float32 adapters."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        bias: bool = True,
+        **quant_kwargs: Any,
+    ):
+        quant_kwargs.setdefault("has_fp16_weights", False)
+        base = Linear8bit(in_features, out_features, bias, **quant_kwargs)
+        super().__init__(base, r, lora_alpha, lora_dropout)
+
+    @classmethod
+    def from_linear(
+        cls, layer: nn.Cell, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0, **quant_kwargs: Any
+    ) -> Linear8bitWithLoRA:
+        if not isinstance(layer, (Linear8bit, Linear8bitLt)):
+            layer = Linear8bit.from_dense(layer, **quant_kwargs)
+        elif quant_kwargs:
+            raise LoraError(f"from_linear: the layer is already quantized; got quantization options {quant_kwargs}")
+        return cls._from_base(layer, r, lora_alpha, lora_dropout)
+
+
+def _lora_class(base: nn.Cell) -> type[LoraLayer]:
+    if isinstance(base, Linear4bit):
+        return Linear4bitWithLoRA
+    if isinstance(base, (Linear8bit, Linear8bitLt)):
+        return Linear8bitWithLoRA
+    if isinstance(base, QuantLinear):
+        return LoraLayer
+    return LoRALinear
+
+
+# ---- whole networks -----------------------------------------------------------------------------------------
+def lora_layers(net: nn.Cell) -> dict[str, LoraLayer]:
+    """Path -> LoRA layer, in tree order."""
+    return {name: cell for name, cell in net.cells_and_names() if isinstance(cell, LoraLayer)}
+
+
+def _rename(net: nn.Cell) -> None:
+    for name, p in net.parameters_and_names():
+        if p.name != name:
+            p.name = name
+
+
+def _set_child(net: nn.Cell, path: str, new: nn.Cell) -> None:
+    from .rewrite import _cell_at
+    from .rewrite import _set_child as set_child
+
+    parent_path, _, attr = path.rpartition(".")
+    set_child(_cell_at(net, parent_path), attr, new)
+
+
+def add_lora(net: nn.Cell, config: LoraConfig) -> list[str]:
+    """Wrap every Linear-like layer of ``net`` that ``config.target_modules`` selects with a LoRA layer
+    (float, 8-bit and 4-bit bases alike), freeze everything but the adapters, name every parameter after
+    its tree path; returns the wrapped paths. Nothing changes when a target is refused."""
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+    inside_lora = set()
+    linears: dict[str, nn.Cell] = {}
+    for name, cell in net.cells_and_names():
+        if isinstance(cell, LoraLayer):
+            inside_lora.update(f"{name}.{c}" for c in ("base_layer", "lora_A", "lora_B"))
+        elif _is_linear(cell) and name not in inside_lora and name:
+            linears[name] = cell
+    targets = [p for p in linears if config.matches(p)]
+    if not targets:
+        leaf_names = sorted({p.rsplit(".", 1)[-1] for p in linears})
+        wanted = config.target_modules if isinstance(config.target_modules, list) else [config.target_modules]
+        hints = sorted({c for w in wanted if isinstance(w, str) for c in closest(w, leaf_names)})
+        raise LoraError(
+            f"target_modules = {config.target_modules!r} matches no Linear-like layer; "
+            f"{'close names: ' + str(hints) + '; ' if hints else ''}the layers are named {leaf_names}"
+        )
+    for path in targets:
+        if _has_activation(linears[path]):
+            raise LoraError(f"{path}: a layer with a fused activation cannot take a LoRA update (target it out)")
+    new_layers = {
+        path: _lora_class(linears[path])._from_base(linears[path], config.r, config.lora_alpha, config.lora_dropout)
+        for path in targets
+    }
+    for path, layer in new_layers.items():
+        _set_child(net, path, layer)
+    freeze_model_except_lora(net)
+    _rename(net)
+    net.lora_config = config
+    logger.info("LoRA (r=%d, alpha=%s) added to %d layers", config.r, config.lora_alpha, len(targets))
+    return targets
+
+
+def get_qlora_model(net: nn.Cell, config: LoraConfig, rules: Any = "nf4", **apply_kwargs: Any) -> nn.Cell:
+    """A float network -> a QLoRA network in one call: the pass with ``rules`` (default the built-in "nf4"
+    family; None skips quantization, any ``msbnb_pass.apply`` rule spec works) and then LoRA on the layers
+    ``config`` targets. Returns ``net`` (rewritten in place)."""
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+    if rules is not None:
+        from .passes import apply
+
+        apply(net, rules, **apply_kwargs)
+    add_lora(net, config)
+    return net
+
+
+def freeze_model_except_lora(model: nn.Cell) -> int:
+    """``requires_grad`` True on the LoRA parameters (``lora_A`` / ``lora_B``), False on every other one;
+    returns the number of trainable parameter tensors."""
+    n = 0
+    for name, p in model.parameters_and_names():
+        trainable = ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
+        p.requires_grad = trainable
+        n += trainable
+    return n
+
+
+def _logical_count(cell_path: str, param: Parameter, cells: dict[str, nn.Cell]) -> int:
+    """Parameter elements, counting packed 4-bit weights as two weights per byte (as peft does)."""
+    owner = cells.get(cell_path)
+    if isinstance(owner, Linear4bit) and param is owner.weight:
+        return owner.in_features * owner.out_features
+    return int(param.size)
+
+
+def print_lora_info(model: nn.Cell, verbose: bool = True) -> dict[str, Any]:
+    """Trainable vs total parameters and their bytes. Prints peft's ``print_trainable_parameters`` line
+    (``trainable params: ... || all params: ... || trainable%: ...``) when ``verbose`` (the seed API prints),
+    logs it at INFO otherwise; returns the numbers."""
+    cells = dict(model.cells_and_names())
+    trainable = total = trainable_bytes = total_bytes = 0
+    seen: set[int] = set()
+    for name, p in model.parameters_and_names():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        count = _logical_count(name.rpartition(".")[0], p, cells)
+        nbytes = int(p.size * p.itemsize)
+        total += count
+        total_bytes += nbytes
+        if p.requires_grad:
+            trainable += count
+            trainable_bytes += nbytes
+    info = {
+        "trainable_params": trainable,
+        "all_params": total,
+        "trainable_percent": 100.0 * trainable / total if total else 0.0,
+        "trainable_bytes": trainable_bytes,
+        "all_bytes": total_bytes,
+        "lora_layers": len(lora_layers(model)),
+    }
+    line = (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {info['trainable_percent']:.4f}"
+        f" || trainable bytes: {trainable_bytes:,d} || all bytes: {total_bytes:,d}"
+    )
+    if verbose:
+        print(line)
+    logger.info(line)
+    return info
+
+
+# ---- merging -------------------------------------------------------------------------------------------------
+def _requantized_like(base: QuantLinear, w: np.ndarray) -> QuantLinear:
+    """A layer of ``base``'s class and format holding ``w`` (quantized)."""
+    bias = base.bias.asnumpy() if base.has_bias else None
+    if isinstance(base, Linear4bit):
+        return Linear4bit.from_float(
+            w,
+            bias,
+            None,
+            base.layer_name,
+            quant_type=base.quant_type,
+            blocksize=base.blocksize,
+            compress_statistics=base.compress_statistics,
+            compute_dtype=base.compute_dtype_name,
+            symmetric=base.symmetric,
+        )
+    if isinstance(base, Linear8bitLt):
+        return Linear8bitLt.from_float(w, bias, None, base.layer_name, threshold=base.threshold)
+    if isinstance(base, Linear8bit):
+        return Linear8bit.from_float(
+            w,
+            bias,
+            None,
+            base.layer_name,
+            has_fp16_weights=False,
+            symmetric=base.symmetric,
+            per_channel=base.per_channel,
+        )
+    raise LoraError(f"cannot re-quantize a {type(base).__name__}")
+
+
+def _base_weight(base: nn.Cell) -> np.ndarray:
+    if isinstance(base, QuantLinear):
+        return base.dequantized_weight().astype(np.float32)
+    return base.weight.asnumpy().astype(np.float32)
+
+
+def _write_base(base: nn.Cell, w: np.ndarray) -> float:
+    """Store ``w`` in ``base`` (re-quantizing a quantized one in its own format); returns the relative
+    Frobenius error the storage added, ``||stored - w|| / ||w||`` (0 for a float base)."""
+    if not isinstance(base, QuantLinear):
+        base.weight.set_data(Tensor(w.astype(np.float32)))
+        return 0.0
+    new = _requantized_like(base, w)
+    mine = dict(base.parameters_and_names(expand=False))
+    for attr, p in new.parameters_and_names(expand=False):
+        if attr not in mine or tuple(mine[attr].shape) != tuple(p.shape):
+            raise LoraError(f"re-quantizing {base.layer_name}: parameter {attr} changed shape")
+    for attr, p in new.parameters_and_names(expand=False):
+        mine[attr].set_data(Tensor(p.asnumpy()))
+    stored = base.dequantized_weight().astype(np.float64)
+    return float(np.linalg.norm(stored - w) / max(np.linalg.norm(w), 1e-30))
+
+
+def merge_lora(model: nn.Cell) -> dict[str, dict[str, float]]:
+    """Fold every adapter into its base: ``W <- W + B @ A * scaling`` (a 4-bit or 8-bit base is dequantized,
+    added to and re-quantized in its own format). The adapters stay (zero contribution while merged);
+    ``unmerge_lora`` undoes it. Returns per layer the relative error re-quantization added,
+    ``requant_error = ||stored - (W + dW)|| / ||W + dW||`` (0 for float bases), and ``delta_norm``
+    ``= ||dW|| / ||W||``. Refuses (changing nothing) when a layer is already merged."""
+    layers = lora_layers(model)
+    merged = [p for p, layer in layers.items() if layer.merged]
+    if merged:
+        raise LoraError(f"merge_lora: already merged: {merged[:5]}{' ...' if len(merged) > 5 else ''}; unmerge first")
+    report = {}
+    for path, layer in layers.items():
+        w = _base_weight(layer.base_layer)
+        d = layer.delta_weight()
+        target = (w.astype(np.float64) + d).astype(np.float32)
+        err = _write_base(layer.base_layer, target)
+        layer.merged = True
+        report[path] = {"requant_error": err, "delta_norm": float(np.linalg.norm(d) / max(np.linalg.norm(w), 1e-30))}
+        logger.info("merged %s: re-quantization error %.3e (delta %.3e)", path, err, report[path]["delta_norm"])
+    return report
+
+
+def unmerge_lora(model: nn.Cell) -> dict[str, dict[str, float]]:
+    """Undo ``merge_lora``: ``W <- W - B @ A * scaling`` (re-quantized again for a quantized base, which
+    does not give the original codes back: the error is reported as in ``merge_lora``)."""
+    layers = lora_layers(model)
+    not_merged = [p for p, layer in layers.items() if not layer.merged]
+    if not_merged:
+        raise LoraError(f"unmerge_lora: not merged: {not_merged[:5]}{' ...' if len(not_merged) > 5 else ''}")
+    report = {}
+    for path, layer in layers.items():
+        w = _base_weight(layer.base_layer)
+        d = layer.delta_weight()
+        target = (w.astype(np.float64) - d).astype(np.float32)
+        err = _write_base(layer.base_layer, target)
+        layer.merged = False
+        report[path] = {"requant_error": err, "delta_norm": float(np.linalg.norm(d) / max(np.linalg.norm(w), 1e-30))}
+    return report
+
+
+# ---- adapters on disk (peft's layout) ----------------------------------------------------------------------
+def _config_of(model: nn.Cell, layers: dict[str, LoraLayer]) -> LoraConfig:
+    cfg = getattr(model, "lora_config", None)
+    if isinstance(cfg, LoraConfig):
+        return cfg
+    first = next(iter(layers.values()))
+    return LoraConfig(
+        r=first.r,
+        lora_alpha=first.lora_alpha,
+        lora_dropout=first.lora_dropout_p,
+        target_modules=sorted({p.rsplit(".", 1)[-1] for p in layers}),
+    )
+
+
+def save_lora_adapters(
+    model: nn.Cell, directory: str | os.PathLike, base_model_name_or_path: str | None = None
+) -> dict[str, Path]:
+    """Write the adapters only, in peft's layout: ``<directory>/adapter_model.safetensors`` (keys
+    ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight``, float32) and ``adapter_config.json``.
+    Both files are written atomically. Returns their paths."""
+    from .io.safetensors_io import atomic_write, write_safetensors
+
+    layers = lora_layers(model)
+    if not layers:
+        raise LoraError("save_lora_adapters: the model has no LoRA layers (add_lora / get_qlora_model first)")
+    if any(layer.merged for layer in layers.values()):
+        raise LoraError("save_lora_adapters: the adapters are merged into the base; unmerge_lora first")
+    tensors = {}
+    for path, layer in layers.items():
+        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A.weight.asnumpy().astype(np.float32)
+        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B.weight.asnumpy().astype(np.float32)
+    config = _config_of(model, layers)
+    data = config.to_peft_dict()
+    if base_model_name_or_path is not None:
+        data["base_model_name_or_path"] = base_model_name_or_path
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / ADAPTER_WEIGHTS_NAME
+    write_safetensors(weights, tensors, metadata={"format": "pt"})
+    cfg_path = out / ADAPTER_CONFIG_NAME
+    atomic_write(cfg_path, [json.dumps(data, indent=2, sort_keys=True).encode()])
+    return {"weights": weights, "config": cfg_path}
+
+
+def load_lora_adapters(model: nn.Cell, directory: str | os.PathLike) -> list[str]:
+    """Load adapters saved by ``save_lora_adapters`` or by peft into ``model``. A model without LoRA layers
+    gets them first from the file's ``adapter_config.json`` (as peft's ``PeftModel.from_pretrained``).
+    Every key and shape is checked before anything is written: a mismatch raises and changes nothing.
+    Returns the loaded layer paths."""
+    from .io.safetensors_io import SafetensorsFile
+
+    src = Path(directory)
+    cfg_path, w_path = src / ADAPTER_CONFIG_NAME, src / ADAPTER_WEIGHTS_NAME
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise CheckpointError(f"load_lora_adapters: {p} does not exist")
+    try:
+        config = LoraConfig.from_peft_dict(json.loads(cfg_path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_path}: not valid JSON: {exc}") from None
+    f = SafetensorsFile(w_path)
+    values: dict[str, dict[str, np.ndarray]] = {}
+    for key in f.keys():
+        k = key.removeprefix(PEFT_PREFIX)
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight", k)
+        if m is None:
+            raise CheckpointError(f"{w_path}: {key!r} is not a LoRA adapter key (<path>.lora_A.weight)")
+        values.setdefault(m.group(1), {})[m.group(2)] = f.get(key)
+    layers = lora_layers(model)
+    added: list[str] = []
+    if not layers:
+        # check the paths exist before wrapping anything
+        have = {n for n, c in model.cells_and_names() if _is_linear(c)}
+        missing = sorted(set(values) - have)
+        if missing:
+            raise CheckpointError(
+                f"{w_path}: adapters for layers the model does not have: {missing[:5]}"
+                f"{' (close: ' + str(closest(missing[0], have)) + ')' if closest(missing[0], have) else ''}"
+            )
+        _check_shapes(values, {p: _features(dict(model.cells_and_names())[p]) for p in values}, config.r, w_path)
+        added = add_lora(model, config)
+        layers = lora_layers(model)
+    missing = sorted(set(values) - set(layers))
+    if missing:
+        raise CheckpointError(f"{w_path}: adapters for layers without LoRA in the model: {missing[:5]}")
+    _check_shapes(values, {p: (layers[p].in_features, layers[p].out_features) for p in values}, None, w_path, layers)
+    for path, ab in values.items():
+        layers[path].lora_A.weight.set_data(Tensor(ab["lora_A"].astype(np.float32)))
+        layers[path].lora_B.weight.set_data(Tensor(ab["lora_B"].astype(np.float32)))
+    absent = sorted(set(layers) - set(values))
+    if absent:
+        logger.warning("load_lora_adapters: %d LoRA layers have no adapters in the file: %s", len(absent), absent[:5])
+    logger.info("loaded LoRA adapters for %d layers from %s (%d layers added)", len(values), src, len(added))
+    return sorted(values)
+
+
+def _check_shapes(values, features, r, w_path, layers=None) -> None:
+    for path, ab in values.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise CheckpointError(f"{w_path}: {path} needs both lora_A and lora_B, got {sorted(ab)}")
+        fin, fout = features[path]
+        rank = r if layers is None else layers[path].r
+        want = {"lora_A": (rank, fin), "lora_B": (fout, rank)}
+        for k, shape in want.items():
+            got = tuple(ab[k].shape)
+            if got != shape or ab[k].dtype.kind != "f":
+                raise CheckpointError(
+                    f"{w_path}: {PEFT_PREFIX}{path}.{k}.weight has {ab[k].dtype} {list(got)}, the model needs a "
+                    f"float tensor of shape {list(shape)} (r={rank}, in={fin}, out={fout})"
+                )
+
+
+# ---- k-bit training preparation ------------------------------------------------------------------------------
+def prepare_model_for_kbit_training(
+    model: nn.Cell,
+    use_gradient_checkpointing: bool = True,
+    checkpoint_blocks: Sequence[str] | str | None = None,
+) -> dict[str, Any]:
+    """What peft's ``prepare_model_for_kbit_training`` does, in MindSpore terms:
+
+    * freeze every parameter (adapters added afterwards are trainable; call it before ``add_lora`` or
+      call ``freeze_model_except_lora`` after);
+    * keep the normalisation layers' parameters (and any other non-quantized float16/bfloat16 parameter)
+      in float32;
+    * gradient checkpointing: ``Cell.recompute()`` on the chosen blocks (``checkpoint_blocks``: a regex
+      matched against cell paths with ``re.fullmatch``, or a list of paths; default: every element of the
+      first ``CellList`` in the model, e.g. the decoder layers).
+
+    Returns ``{"frozen": n, "upcast": [...], "recomputed": [...]}``."""
+    frozen = 0
+    for _, p in model.parameters_and_names():
+        if p.requires_grad:
+            frozen += 1
+        p.requires_grad = False
+    upcast = []
+    for name, cell in model.cells_and_names():
+        if isinstance(cell, QuantLinear):
+            continue
+        for attr, p in cell.parameters_and_names(expand=False):
+            if p.dtype in (ms.float16, ms.bfloat16):
+                # set_data keeps a Parameter's dtype: put a float32 Parameter of the same name in its place
+                new = Parameter(ops.cast(p, ms.float32), name=p.name, requires_grad=False)
+                cell._params[attr] = new
+                upcast.append(f"{name}.{attr}" if name else attr)
+    recomputed: list[str] = []
+    if use_gradient_checkpointing:
+        cells = dict(model.cells_and_names())
+        if checkpoint_blocks is None:
+            lists = [n for n, c in cells.items() if isinstance(c, nn.CellList) and len(c) > 0]
+            if not lists:
+                raise ConfigError(
+                    "prepare_model_for_kbit_training: no CellList of blocks found; name the blocks to recompute "
+                    "with checkpoint_blocks"
+                )
+            recomputed = [f"{lists[0]}.{i}" for i in range(len(cells[lists[0]]))]
+        elif isinstance(checkpoint_blocks, str):
+            recomputed = [n for n in cells if n and re.fullmatch(checkpoint_blocks, n)]
+        else:
+            recomputed = list(checkpoint_blocks)
+        unknown = [n for n in recomputed if n not in cells]
+        if unknown or not recomputed:
+            raise ConfigError(
+                f"prepare_model_for_kbit_training: checkpoint_blocks = {checkpoint_blocks!r} selects "
+                f"{'unknown cells ' + str(unknown[:5]) if unknown else 'no cell'}"
+            )
+        for n in recomputed:
+            cells[n].recompute()
+    return {"frozen": frozen, "upcast": upcast, "recomputed": recomputed}
