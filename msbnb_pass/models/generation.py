@@ -205,16 +205,20 @@ def sample_next(
 
 
 def _decoder(lm: nn.Cell, batch: int, max_len: int) -> CachedDecoder:
-    """The cached decoder for (batch, max_len), reused across calls (its compiled graphs too)."""
+    """The cached decoder for (batch, max_len), reused across calls (and so its compiled graphs) while the
+    network keeps the same cells; a rewritten network (the pass, dequantize_model) gets a new one."""
+    cells = [c for _, c in lm.cells_and_names()]
     holder = lm.__dict__.setdefault("_generation_decoder", [])  # a plain list: not a child cell of the network
-    if holder and (holder[0].batch, holder[0].max_len) == (batch, max_len):
-        dec = holder[0]
-        for p in list(dec.k_cache) + list(dec.v_cache):
-            p.set_data(Tensor(np.zeros(p.shape, np.float32)))
-        return dec
+    if holder:
+        dec, seen = holder[0]
+        same = len(seen) == len(cells) and all(a is b for a, b in zip(seen, cells, strict=True))
+        if same and (dec.batch, dec.max_len) == (batch, max_len):
+            for p in list(dec.k_cache) + list(dec.v_cache):
+                p.set_data(Tensor(np.zeros(p.shape, np.float32)))
+            return dec
     holder.clear()
     dec = CachedDecoder(lm, batch, max_len)
-    holder.append(dec)
+    holder.append((dec, cells))  # the cells themselves (not ids, which a freed cell's successor could reuse)
     return dec
 
 
@@ -321,7 +325,7 @@ def generate(
 
 # ---- chat templates ----------------------------------------------------------------------------------------------
 _CHATML_DEFAULT_SYSTEM = re.compile(
-    r"\{\{\s*'<\|im_start\|>system\\n(?P<system>(?:[^'\\]|\\.)*)<\|im_end\|>\\n'\s*\}\}", re.DOTALL
+    r"\{\{\s*'<\|im_start\|>system(?:\\n|\n)(?P<system>(?:[^'\\]|\\.)*?)<\|im_end\|>(?:\\n|\n)'\s*\}\}", re.DOTALL
 )
 
 
