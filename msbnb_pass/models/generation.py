@@ -242,7 +242,7 @@ def generate(
     attention_mask: Any = None,
     seed: int | None = None,
     pad_token_id: int | None = None,
-    streamer: Callable[[np.ndarray], None] | None = None,
+    streamer: Callable[[np.ndarray], bool | None] | None = None,
 ) -> np.ndarray:
     """Generate up to ``max_new_tokens`` tokens after each prompt with a KV cache.
 
@@ -256,7 +256,8 @@ def generate(
             generation stops when every sequence has finished.
         attention_mask: ``[batch, length]``, 1 for tokens and 0 for (left) padding; default all ones.
         seed: seed of the sampling generator (numpy PCG64): the same seed gives the same tokens.
-        streamer: called with the new tokens ``[batch]`` (int64) after each step.
+        streamer: called with the new tokens ``[batch]`` (int64) after each step; returning True stops
+            generation there (the tokens so far are returned).
 
     Returns the ids ``[batch, length + generated]`` (int64), prompts included.
     Raises :class:`GenerationError` (a ``MsbnbError``/``ValueError``) for unusable arguments.
@@ -304,11 +305,10 @@ def generate(
         tok = sample_next(logits, rng, do_sample, temperature, top_k, top_p)
         tok = np.where(finished, pad_token_id, tok)
         out.append(tok[:, None])
-        if streamer is not None:
-            streamer(tok)
+        stop = bool(streamer(tok)) if streamer is not None else False
         if eos.size:
             finished |= np.isin(tok, eos)
-        if finished.all() or step == max_new_tokens - 1:
+        if stop or finished.all() or step == max_new_tokens - 1:
             break
         slot = p + step
         valid[:, slot] = True

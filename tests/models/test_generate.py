@@ -180,3 +180,23 @@ def test_smollm2_4bit_greedy_tokens_equal_the_fp32_twins_and_answer_paris(graph_
     assert not any(isinstance(c, mb.Linear4bit) for _, c in net.cells_and_names())
     twin = net.generate(prompt, max_new_tokens=32)
     assert native.tolist() == twin.tolist(), (answer, info.tokenizer.decode(twin[0, prompt.shape[1] :].tolist()))
+
+
+def test_cli_generate_refuses_bad_arguments(capsys):
+    from msbnb_pass.cli import main
+
+    assert main(["generate", "x.gguf", "--prompt", "hi", "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+    assert main(["generate", "missing.gguf", "--prompt", "hi"]) == 2
+    assert "missing.gguf" in capsys.readouterr().err
+
+
+def test_cli_generate_streams_smollm2s_answer(capsys):
+    from msbnb_pass.cli import main
+
+    gguf_file = _smollm2()
+    argv = ["generate", str(gguf_file), "--prompt", "What is the capital of France?", "--chat"]
+    assert main([*argv, "--max-new-tokens", "8", "--no-warmup"]) == 0
+    out = capsys.readouterr()
+    assert "Paris" in out.out
+    assert "prefill: " in out.err and "tokens/s" in out.err and "decode: 7 tokens" in out.err
