@@ -80,14 +80,15 @@ class CachedDecoder(nn.Cell):
         self.scores_mm = ops.BatchMatMul(transpose_b=True)
         self.probs_mm = ops.BatchMatMul()
 
-    def _attention(self, attn, x, cos, sin, mask, k_cache, v_cache, slots):
-        b, t, _ = x.shape
-        hd = self.head_dim
-        q = attn.q_proj(x).reshape(b, t, self.n_heads, hd).transpose(0, 2, 1, 3)
-        k = attn.k_proj(x).reshape(b, t, self.n_kv, hd).transpose(0, 2, 1, 3)
-        v = attn.v_proj(x).reshape(b, t, self.n_kv, hd).transpose(0, 2, 1, 3)
+    def rope(self, q, k, cos, sin):
+        """RoPE of q ``[B, heads, T, D]`` and k ``[B, kv_heads, T, D]`` (rotate-half layout)."""
         q = q * cos + _rotate_half(q, self.half) * sin
         k = k * cos + _rotate_half(k, self.half) * sin
+        return q, k
+
+    def attend(self, q, k, v, mask, k_cache, v_cache, slots):
+        """Write k, v ``[B, kv_heads, T, D]`` into the caches at ``slots``; attention of q over the caches."""
+        b, _, t, hd = q.shape
         self.scatter(k_cache, slots, k)
         self.scatter(v_cache, slots, v)
         s = self.max_len
@@ -96,8 +97,25 @@ class CachedDecoder(nn.Cell):
         scores = self.scores_mm(q, k_cache) * self.scale
         scores = scores.reshape(b, self.n_kv, self.n_rep, t, s) + mask
         probs = ops.softmax(scores.reshape(b, self.n_kv, self.n_rep * t, s), -1)
-        out = self.probs_mm(probs, v_cache).reshape(b, self.n_heads, t, hd)
-        return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(b, t, self.n_heads * hd))
+        return self.probs_mm(probs, v_cache).reshape(b, self.n_heads, t, hd)
+
+    def _heads(self, y, b, t, n):
+        if t == 1:  # [B, 1, n, D] -> [B, n, 1, D] is a reshape: no transpose (static shape, decided at compile)
+            return y.reshape(b, n, 1, self.head_dim)
+        return y.reshape(b, t, n, self.head_dim).transpose(0, 2, 1, 3)
+
+    def _attention(self, attn, x, cos, sin, mask, k_cache, v_cache, slots):
+        b, t, _ = x.shape
+        q = self._heads(attn.q_proj(x), b, t, self.n_heads)
+        k = self._heads(attn.k_proj(x), b, t, self.n_kv)
+        v = self._heads(attn.v_proj(x), b, t, self.n_kv)
+        q, k = self.rope(q, k, cos, sin)
+        out = self.attend(q, k, v, mask, k_cache, v_cache, slots)
+        if t == 1:
+            out = out.reshape(b, 1, self.n_heads * self.head_dim)
+        else:
+            out = out.transpose(0, 2, 1, 3).reshape(b, t, self.n_heads * self.head_dim)
+        return attn.o_proj(out)
 
     @ms.jit
     def construct(self, ids, positions, mask, slots):
