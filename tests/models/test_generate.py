@@ -191,6 +191,7 @@ def test_cli_generate_refuses_bad_arguments(capsys):
     assert "missing.gguf" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~30 s (load + two graph compiles); the generate path itself is covered by the SmolLM2 test above
 def test_cli_generate_streams_smollm2s_answer(capsys):
     from msbnb_pass.cli import main
 
