@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._version import __version__
+from .cli_generate import add_generate_command
 from .cli_memory import add_memory_commands
 from .cli_models import add_model_commands
 from .errors import CLIError, MsbnbError
@@ -508,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pass_commands(sub)
     add_model_commands(sub)
     add_memory_commands(sub)
+    add_generate_command(sub)
     return parser
 
 

@@ -48,6 +48,7 @@ class LoadInfo:
     unused_keys: list[str] = field(default_factory=list)
     ignored_keys: list[str] = field(default_factory=list)
     tokenizer: Any = None  # a GGUF's tokenizer, built from the same read (else tokenizer_from_pretrained)
+    chat_template: str | None = None  # tokenizer.chat_template (GGUF) or tokenizer_config.json's chat_template
 
 
 def _is_gguf(path: Path) -> bool:
@@ -156,10 +157,22 @@ class _StoreSource(WeightSource):
         return layer
 
 
-def _open(path: Path) -> tuple[dict[str, Any], TensorStore, str, Any]:
+def _chat_template(directory: Path) -> str | None:
+    file = directory / "tokenizer_config.json"
+    if not file.is_file():
+        return None
+    try:
+        template = json.loads(file.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError) as exc:
+        logger.info("%s: no chat template (%s)", file, exc)
+        return None
+    return template if isinstance(template, str) else None
+
+
+def _open(path: Path) -> tuple[dict[str, Any], TensorStore, str, Any, str | None]:
     if _is_gguf(path):
         contents = open_gguf(path)
-        return contents.config, contents.store, "gguf", contents.tokenizer
+        return contents.config, contents.store, "gguf", contents.tokenizer, contents.chat_template
     if path.is_file() and path.suffix == ".safetensors":
         config = read_config(path.parent)
     elif path.is_dir():
@@ -170,7 +183,7 @@ def _open(path: Path) -> tuple[dict[str, Any], TensorStore, str, Any]:
             f"GGUF file"
         )
     store, _ = open_safetensors(path)
-    return config, store, "transformers", None
+    return config, store, "transformers", None, _chat_template(path if path.is_dir() else path.parent)
 
 
 def from_pretrained(
@@ -205,7 +218,7 @@ def from_pretrained(
     Raises :class:`~msbnb_pass.io.CheckpointError` naming the file and tensor for anything unusable.
     """
     path = Path(path)
-    config_dict, store, fmt, tokenizer = _open(path)
+    config_dict, store, fmt, tokenizer, chat_template = _open(path)
     try:
         model_config = config_from_dict(config_dict)
     except (ValueError, TypeError) as exc:
@@ -244,6 +257,7 @@ def from_pretrained(
         unused_keys=unused,
         ignored_keys=ignored,
         tokenizer=tokenizer,
+        chat_template=chat_template,
     )
     for k in store:
         if ".quant_state." in k:

