@@ -3,6 +3,7 @@ estimates for full / LoRA / QLoRA fine-tuning (the seed's ``QLoRAStats`` API wit
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -79,18 +80,15 @@ def release_memory(collect: bool = True) -> None:
         trim(0)
 
 
-_TRIM: list = []
-
-
+@functools.cache
 def _malloc_trim():
-    if not _TRIM:
-        import ctypes
+    """glibc's malloc_trim (returns freed heap pages to the system), or None elsewhere; looked up once."""
+    import ctypes
 
-        try:
-            _TRIM.append(ctypes.CDLL("libc.so.6").malloc_trim)
-        except (OSError, AttributeError):  # not glibc
-            _TRIM.append(None)
-    return _TRIM[0]
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 # ---- training-memory estimates (the seed's QLoRA API, done with the real formats and shapes) ---------------------
