@@ -764,11 +764,22 @@ class RuleSet:
 
     # ---- loading -------------------------------------------------------------------------------------------------
     @classmethod
-    def from_toml(cls, source: str | Path, text: str | None = None, *, allow_imports: Sequence[str] = ()) -> RuleSet:
+    def from_toml(
+        cls,
+        source: str | Path,
+        text: str | None = None,
+        *,
+        allow_imports: Sequence[str] = (),
+        base: RuleSet | None = None,
+    ) -> RuleSet:
         """Load rules (and patterns, Linear-like classes) from a TOML file, or from ``text`` named ``source``.
 
-        Nothing is imported unless a class name falls under an ``allow_imports`` prefix (e.g. ``["mypkg."]``),
-        and nothing outside the returned RuleSet changes, whether loading succeeds or fails."""
+        With ``base``, the result is a copy of ``base`` (its rules, and the replacements, checks and classes
+        registered on it, which the file's rules may then name) plus the file's contents. Nothing is
+        imported unless a class name falls under an ``allow_imports`` prefix (e.g. ``["mypkg."]``), and
+        nothing outside the returned RuleSet changes (``base`` included), whether loading succeeds or fails."""
+        if base is not None and not isinstance(base, RuleSet):
+            raise TypeError(f"from_toml: base must be a RuleSet or None, got {type(base).__name__}")
         src = str(source)
         allow = _allow_list(allow_imports)
         if text is None:
@@ -785,10 +796,12 @@ class RuleSet:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise RuleError(f"{src}: TOML syntax error: {exc}") from None
-        return cls._from_data(data, src, text, allow)
+        return cls._from_data(data, src, text, allow, base)
 
     @classmethod
-    def _from_data(cls, data: dict, src: str, text: str = "", allow_imports: Sequence[str] = ()) -> RuleSet:
+    def _from_data(
+        cls, data: dict, src: str, text: str = "", allow_imports: Sequence[str] = (), base: RuleSet | None = None
+    ) -> RuleSet:
         locate = _Locator(src, text)
         unknown = set(data) - {"pattern", "rule", "linear"}
         if unknown:
@@ -820,7 +833,12 @@ class RuleSet:
         if not isinstance(patterns_data, dict):
             raise RuleError(f"{locate('pattern')}: 'pattern' must be a table of patterns ([pattern.name])")
         patterns = [_pattern_from_data(name, body, locate, allow_imports) for name, body in patterns_data.items()]
-        out = cls(patterns=patterns)
+        if base is None:
+            out = cls(patterns=patterns)
+        else:
+            out = base.copy()
+            for p in patterns:
+                out.patterns[p.name] = p
         for cls_name, spec in specs.items():
             out.declare_linear(cls_name, spec, f"{locate(cls_name)}")
         rules = data.get("rule") or []

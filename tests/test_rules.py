@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import msbnb_pass as mb
-from msbnb_pass.rules import BUILTIN_FAMILIES, RuleError, RuleSet, name_matches, register_check
+from msbnb_pass.replacements import BUILTIN_REPLACEMENTS
+from msbnb_pass.rules import BUILTIN_FAMILIES, Rule, RuleError, RuleSet, name_matches, register_check
 
 from . import zoo
 
@@ -109,3 +110,20 @@ def test_rules_from_python_and_files_combine(tmp_path):
     assert [r.name for r in rs][:2] == ["only-pooler", "nf4-linear"]
     with pytest.raises(RuleError, match="rule 'only-pooler' is defined twice"):
         rs + RuleSet.from_toml(path)
+
+
+def test_a_rule_file_loaded_on_a_base_may_name_its_replacements():
+    base = RuleSet()
+    base.register_replacement(
+        "int8_mine", BUILTIN_REPLACEMENTS["linear8bit"].build, dict(BUILTIN_REPLACEMENTS["linear8bit"].params), "int8"
+    )
+    base.add(Rule("first", "linear-cell", {"to": "linear8bit"}, priority=1))
+    text = '[[rule]]\nname = "mine"\npattern = "matmul-param"\nrewrite = { to = "int8_mine", per_channel = false }\n'
+    with pytest.raises(RuleError, match=r"mine.toml:1: rule 'mine': 'rewrite.to' = 'int8_mine': unknown replacement"):
+        RuleSet.from_toml("mine.toml", text)
+    loaded = RuleSet.from_toml("mine.toml", text, base=base)
+    assert [r.name for r in loaded] == ["first", "mine"]
+    assert loaded.rules[1].replacement_params()["per_channel"] is False
+    assert [r.name for r in base] == ["first"]  # the base is not changed
+    with pytest.raises(TypeError, match="from_toml: base must be a RuleSet or None, got str"):
+        RuleSet.from_toml("mine.toml", text, base="nf4")
