@@ -70,3 +70,11 @@ def test_docs_link_only_to_files_that_exist(doc):
         if "://" in target:
             continue
         assert (DOCS / target).exists(), f"{doc} links to {target}, which does not exist"
+
+
+def test_the_cli_reference_is_generated_from_the_parser():
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    proc = subprocess.run(
+        [sys.executable, str(tools / "gen_cli_docs.py"), "--check"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
