@@ -259,7 +259,10 @@ def graph_tree(
         d = g.nodes[cid]
         tag = tags.get(path)
         style = ""
-        head = [f'<span class="nm">{esc(label(path))}</span>', f'<span class="ty">{esc(d["type_name"])}</span>']
+        head = [
+            f'<span class="nm" title="{esc(path or "<root>")}">{esc(label(path))}</span>',
+            f'<span class="ty">{esc(d["type_name"])}</span>',
+        ]
         if tag and tag[0] == FULL:
             head.append(_badge(FULL, colours, tip=tag[1]))
         elif tag:
@@ -310,17 +313,19 @@ def graph_tree(
                     cstyle = f' style="border-left-color:{colour};background:{colour}14"'
                 callee = f"self.{c['attr']}" if c["attr"] else c["func"]
                 body.append(
-                    f'<li class="call"{cstyle}>call {esc(callee)}(…) <span class="ty">{esc(c["op"])}</span> '
+                    f'<li class="call" data-path="{esc(c["path"])}"{cstyle}>call {esc(callee)}(…) <span class="ty">{esc(c["op"])}</span> '
                     f"{badge}</li>"
                 )
             children = graph.children(cid)
         else:
             children = []
         if not children and not body:
-            out.append(f'<li class="leaf"{style}>{" ".join(head)}</li>')
+            out.append(f'<li class="leaf" data-path="{esc(path)}"{style}>{" ".join(head)}</li>')
             return
         is_open = (open_all or depth < OPEN_DEPTH) and not (after and tag)
-        out.append(f"<li><details{' open' if is_open else ''}><summary{style}>{' '.join(head)}</summary><ul>")
+        out.append(
+            f'<li data-path="{esc(path)}"><details{" open" if is_open else ""}><summary{style}>{" ".join(head)}</summary><ul>'
+        )
         out.extend(body)
         for attr, child in children:
             visit(child, f"{path}.{attr}" if path else attr, depth + 1, seen | {cid})
