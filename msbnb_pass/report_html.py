@@ -354,7 +354,7 @@ h3 { font-size:14px; margin:0 0 8px; font-weight:600; color:#374151; }
 .cards { display:grid; grid-template-columns:repeat(auto-fit, minmax(220px, 1fr)); gap:12px; margin-bottom:18px; }
 .card { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:12px 16px; }
 .card .k { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.04em; }
-.card .v { font-size:22px; font-weight:600; margin-top:2px; }
+.card .v { font-size:17px; font-weight:600; margin-top:2px; }
 .card .d { color:var(--muted); font-size:12.5px; margin-top:2px; }
 .card.ok { border-top:3px solid #16a34a; } .card.bad { border-top:3px solid #dc2626; }
 .card.info { border-top:3px solid #2563eb; }
@@ -363,6 +363,7 @@ th, td { text-align:left; padding:5px 8px; border-bottom:1px solid var(--line); 
 th { background:#f1f5f9; font-weight:600; color:#374151; position:sticky; top:0; }
 td.n, th.n { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
 td.nw, th.nw { white-space:nowrap; }
+table.vt { font-size:12px; } table.vt th, table.vt td { padding:5px 6px; }
 .tablewrap { overflow-x:auto; }
 td.path { font-family:ui-monospace, "DejaVu Sans Mono", "Liberation Mono", monospace; font-size:12px; }
 tr.viol td { background:#fef2f2; }
@@ -486,7 +487,7 @@ def render_html(result: Any, *, title: str | None = None) -> str:
             _card(
                 "ok" if not viol else "bad",
                 "verification",
-                "all layers within bounds" if not viol else f"{len(viol)} violation(s)",
+                "passed" if not viol else f"{len(viol)} violation(s)",
                 f"{len(layers)} layer(s) checked; worst relative error "
                 f"{_num(worst.metrics['relative_error'], '.4f')} at {worst.path or '<root>'}",
             )
@@ -627,6 +628,7 @@ def render_html(result: Any, *, title: str | None = None) -> str:
 
 
 def _card(kind: str, key: str, value: str, detail: str) -> str:
+    value = re.sub(r"(\d) (B|KiB|MiB|GiB)\b", "\\1\u00a0\\2", value)  # a number keeps its unit on its line
     return (
         f'<div class="card {kind}"><div class="k">{esc(key)}</div><div class="v">{esc(value)}</div>'
         f'<div class="d">{esc(detail)}</div></div>'
@@ -643,8 +645,8 @@ def _by_scheme(rewrites: list, attr: str) -> Counter:
 def _verification_table(rewrites: list, checks: dict, colours: dict[str, str], e2e: dict | None) -> str:
     head = (
         "<tr><th>layer</th><th>rule</th><th>format</th><th>probe</th><th class=n>rel. error</th>"
-        "<th class=n>bound</th><th class=n>cosine</th><th class=n>min</th><th class=n>SQNR dB</th>"
-        "<th class=nw>kernel (× fp32 bound)</th><th class=n>bytes before → after</th><th>action</th></tr>"
+        "<th class=n>cosine</th><th class=n>SQNR dB</th><th class=nw title='relative error ≤, cosine ≥'>bound</th>"
+        "<th class=nw title='worst error as a multiple of the fp32 rounding bound'>kernel</th><th class=n>bytes</th><th>action</th></tr>"
     )
     rows = []
     for r in rewrites:
@@ -667,34 +669,34 @@ def _verification_table(rewrites: list, checks: dict, colours: dict[str, str], e
             cos_cls = " fail" if m["cosine"] < c.bound.min_cosine else ""
             metrics = (
                 f"<td>{esc(c.probe)}</td><td class=n>{_num(m['relative_error'], '.4f')}{bar}</td>"
-                f"<td class=n>{_num(c.bound.max_rel_error, 'g')}</td>"
-                f'<td class="n{cos_cls}">{_num(m["cosine"], ".6f")}</td><td class=n>{_num(c.bound.min_cosine, "g")}</td>'
-                f"<td class=n>{_num(m['sqnr_db'], '.2f')}</td><td class=nw>{ker}</td>"
+                f'<td class="n{cos_cls}">{_num(m["cosine"], ".6f")}</td><td class=n>{_num(m["sqnr_db"], ".2f")}</td>'
+                f"<td class=nw>≤ {_num(c.bound.max_rel_error, 'g')}, ≥ {_num(c.bound.min_cosine, 'g')}</td>"
+                f"<td class=nw>{ker}</td>"
             )
             action = c.action
         else:
-            metrics = '<td class=muted colspan="7">not verified</td>'
+            metrics = '<td class=muted colspan="6">not verified</td>'
             action = r.action
-        why = f"<br><span class=muted>{esc(r.reason)}</span>" if r.reason else ""
+        why = f' title="{esc(r.reason)}"' if r.reason else ""  # the kept-layers table spells it out
         rows.append(
             f"<tr{cls}><td class=path>{path_html(r.path)}</td><td class='path nw'>{esc(r.rule)}</td>"
             f"<td>{_badge(r.scheme, colours)}</td>{metrics}"
             f"<td class=n>{esc(_fmt_bytes(r.bytes_before))} → {esc(_fmt_bytes(r.bytes_after))}</td>"
-            f"<td>{esc(action)}{why}</td></tr>"
+            f"<td class=nw{why}>{esc(action)}</td></tr>"
         )
     if e2e:
         rows.append(
-            f"<tr class=total><td>end to end</td><td></td><td></td><td>sample inputs</td>"
-            f"<td class=n>{_num(e2e['relative_error'], '.4f')}</td><td></td><td class=n>{_num(e2e['cosine'], '.6f')}</td>"
-            f"<td></td><td class=n>{_num(e2e['sqnr_db'], '.2f')}</td><td colspan=3>{e2e.get('outputs', 1)} output(s)</td></tr>"
+            f"<tr class=total><td>end to end</td><td></td><td></td><td class=nw>sample inputs</td>"
+            f"<td class=n>{_num(e2e['relative_error'], '.4f')}</td><td class=n>{_num(e2e['cosine'], '.6f')}</td>"
+            f"<td class=n>{_num(e2e['sqnr_db'], '.2f')}</td><td colspan=4>{e2e.get('outputs', 1)} output(s)</td></tr>"
         )
-    body = "".join(rows) if rows else '<tr><td colspan="12" class=muted>No layer was rewritten.</td></tr>'
+    body = "".join(rows) if rows else '<tr><td colspan="11" class=muted>No layer was rewritten.</td></tr>'
     return (
         '<section id="verification"><h2>Verification</h2><p class=muted>Each rewritten layer against its float '
         "original (relative RMS error and cosine vs the scheme's bound, SQNR) and its kernel against the float64 "
         "reference computation with the dequantized weight (worst error as a multiple of the fp32 rounding "
         "bound; ≤ 1 passes).</p>"
-        f'<div class="tablewrap"><table><thead>{head}</thead><tbody>{body}</tbody></table></div></section>'
+        f'<div class="tablewrap"><table class="vt"><thead>{head}</thead><tbody>{body}</tbody></table></div></section>'
     )
 
 
