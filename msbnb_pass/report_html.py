@@ -112,6 +112,9 @@ def _svg(fig, salt: str) -> str:
     text = buf.getvalue()
     text = text[text.index("<svg") :]
     text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)
+    # matplotlib numbers its groups figure_1, patch_1, ... in every figure: make the ids (and the references to
+    # them) unique in the page, which holds several charts
+    text = re.sub(r'( id="|url\(#|href="#)', rf"\g<1>{salt}-", text)
     return f'<div class="chart" id="chart-{esc(salt)}">{text}</div>'
 
 
@@ -392,6 +395,7 @@ ul.tree li.param { color:#64748b; padding-left:7px; white-space:nowrap; }
 ul.tree .rule, ul.tree .note { color:#94a3b8; font-size:11px; margin-left:4px; }
 ul.tree .cnt .badge { opacity:.85; margin-left:2px; }
 ul.warn { margin:0; padding-left:20px; } ul.warn li { margin:3px 0; }
+@media print { nav { display:none; } .treebox { max-height:none; overflow:visible; } section { break-inside:avoid; } }
 footer { color:var(--muted); font-size:12px; text-align:center; padding:0 0 24px; }
 """
 
@@ -681,7 +685,7 @@ def _verification_table(rewrites: list, checks: dict, colours: dict[str, str], e
         rows.append(
             f"<tr{cls}><td class=path>{path_html(r.path)}</td><td class='path nw'>{esc(r.rule)}</td>"
             f"<td>{_badge(r.scheme, colours)}</td>{metrics}"
-            f"<td class=n>{esc(_fmt_bytes(r.bytes_before))} → {esc(_fmt_bytes(r.bytes_after))}</td>"
+            f"<td class=n>{esc(_fmt_bytes(r.bytes_before))} → {'–' if r.action == 'planned' else esc(_fmt_bytes(r.bytes_after))}</td>"
             f"<td class=nw{why}>{esc(action)}</td></tr>"
         )
     if e2e:

@@ -208,6 +208,12 @@ def test_report_is_self_contained(bert):
         "http://www.w3.org/1999/xlink",
     }
     assert "@import" not in text and "url(http" not in text
+    # every element id is unique in the page (each chart's SVG ids carry its own prefix) and every in-page
+    # reference (nav links, the charts' clip paths) resolves
+    ids = [a["id"] for _, a in page.tags if "id" in a]
+    assert len(ids) == len(set(ids)) > 100
+    refs = re.findall(r'(?:url\(#|href="#)([^")]+)', text)
+    assert refs and set(refs) <= set(ids)
 
 
 def _odd_network_result():
@@ -257,9 +263,10 @@ def test_dry_run_report_shows_the_plan(ms_cpu):
     page = Page(text)
     assert "dry run: would rewrite 14 of 16 weight-holding layers" in text
     assert [a.get("id") for t, a in page.tags if t == "div" and a.get("class") == "chart"] == ["chart-memory"]
-    assert {k: c[-1] for k, (_, c) in page.table("verification").items()} == {
-        r.path: "planned" for r in result.rewrites
-    }
+    rows = page.table("verification")
+    assert {k: c[-1] for k, (_, c) in rows.items()} == {r.path: "planned" for r in result.rewrites}
+    # a plan records the float weight it would rewrite (the 3 x 64 classifier: 768 bytes) and no size after
+    assert rows["classifier"][1][3:5] == ["not verified", f"{3 * 64 * 4} B → –"]
     assert "<h3>after</h3>" not in text and "<h3>before (the plan)</h3>" in text
 
 
