@@ -313,12 +313,7 @@ def test_msbnb_report_and_apply_html(capsys):
 
 
 # ---- a real browser --------------------------------------------------------------------------------------------
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser"):
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.skip("Chromium is not installed (Debian: apt-get install chromium); the browser check needs it")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _png_rows(data: bytes) -> tuple[int, int, list[tuple[int, bytes]]]:
@@ -342,8 +337,11 @@ def _png_rows(data: bytes) -> tuple[int, int, list[tuple[int, bytes]]]:
     return width, height, [(raw[i * stride], raw[i * stride + 1 + channels : (i + 1) * stride]) for i in range(height)]
 
 
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium); the browser check needs it"
+)
 def test_chromium_renders_the_report(bert, tmp_path):
-    chromium = _chromium()
+    chromium = CHROMIUM
     result, text = bert
     page = tmp_path / "report.html"
     page.write_text(text, encoding="utf-8")
