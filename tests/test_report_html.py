@@ -186,6 +186,8 @@ def test_report_tables_charts_and_graph_match_the_result(bert):
         assert len(nodes) == 2, path
     assert f'<span class="badge" style="background:{NF4}">nf4</span>' in text[text.index('id="graph"') :]
     assert '<li data-path="encoder"><details open><summary><span class="nm" title="encoder">encoder</span>' in text
+    # a small network's trees start unfolded, except the rewritten cells of the after graph (their internals)
+    assert re.findall(r'<li data-path="encoder\.0\.query"><details( open)?>', text) == [" open", ""]
 
     # the result as JSON rides along
     data = json.loads(page.json)
@@ -362,3 +364,27 @@ def test_chromium_renders_the_report(bert, tmp_path):
     rendered = Page(dom.stdout)
     assert set(rendered.table("verification")) == {r.path for r in result.rewrites} | {"end to end"}
     assert sum(1 for t, _ in rendered.tags if t == "svg") == 2
+
+
+def test_big_network_report_folds_deep_cells_and_plots_by_index(ms_cpu):
+    """77 rewritten layers (an 11-layer LLaMA-like network, int4): the error chart becomes one bar per layer
+    in network order without per-layer labels, and the trees open only their top three levels."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    net = zoo.LlamaLike(layers=11)
+    ids = ms.Tensor(np.random.default_rng(0).integers(0, 96, (2, 8)).astype(np.int32))
+    result = mb.apply(net, "int4", sample_inputs=ids)
+    assert len(result.rewrites) == 77
+    text = result.to_html("big.html").read_text(encoding="utf-8")
+    start = text.index('id="chart-errors"')
+    errors_svg = text[start : text.index("</svg>", start)]
+    bars = re.findall(r'<path [^>]*clip-path="[^"]+" style="fill: (#[0-9a-f]{6})', errors_svg)
+    assert bars == [FORMAT_COLOURS["int4"]] * 77
+    assert "layers.0.mlp.up_proj</text>" not in errors_svg and "layer (in network order" in errors_svg
+    assert len(Page(text).table("verification")) == 78
+
+    def opened(path: str) -> list[bool]:  # before and after tree
+        return [m == " open" for m in re.findall(rf'<li data-path="{re.escape(path)}"><details( open)?>', text)]
+
+    assert opened("") == opened("layers") == opened("layers.3") == [True, True]
+    assert opened("layers.3.self_attn") == opened("layers.3.mlp") == [False, False]
+    assert opened("layers.3.mlp.up_proj") == [False, False]
