@@ -43,7 +43,6 @@ FORMAT_COLOURS = {
 _EXTRA_COLOURS = ("#0891b2", "#65a30d", "#9333ea", "#b45309", "#4f46e5", "#be123c")
 KEPT_COLOUR = "#6b7280"
 FAIL_COLOUR = "#dc2626"
-OK_COLOUR = "#16a34a"
 OTHER_COLOUR = "#cbd5e1"
 FULL = "full precision"  # tag of a weight-holding layer no rule rewrote
 
@@ -145,7 +144,7 @@ def error_chart(checks: list, colours: dict[str, str]) -> str:
     from matplotlib.patches import Patch
 
     n = len(checks)
-    errs = [min(c.metrics["relative_error"], 10.0) for c in checks]
+    errs = [min(c.metrics["relative_error"], 10.0) for c in checks]  # an infinite error (zero output) drawn at 10
     bounds = [c.bound.max_rel_error for c in checks]
     fills = [colours[c.scheme] for c in checks]
     edges = [FAIL_COLOUR if not c.passed else "none" for c in checks]
@@ -463,8 +462,10 @@ def render_html(result: Any, *, title: str | None = None) -> str:
         _card(
             "info",
             "all parameters",
-            f"{_fmt_bytes(total_before)} → {_fmt_bytes(total_after)}",
-            f"{total_after / total_before:.3f}× of the float network" if total_before else "",
+            _fmt_bytes(total_before) if result.dry_run else f"{_fmt_bytes(total_before)} → {_fmt_bytes(total_after)}",
+            "every parameter of the network"
+            if result.dry_run or not total_before
+            else f"{total_after / total_before:.3f}× of the float network",
         )
     )
     e2e = result.report.end_to_end
@@ -544,21 +545,22 @@ def render_html(result: Any, *, title: str | None = None) -> str:
     mem_rows = [("before", {"other parameters": other, **_by_scheme(done, "bytes_before")})]
     if not result.dry_run:
         mem_rows.append(("after", {"other parameters": other, **_by_scheme(done, "bytes_after")}))
-    mem_table = "".join(
-        f"<tr><td>{_badge(s, colours)}</td><td class=n>{by_scheme[s]}</td>"
-        f"<td class=n>{esc(_fmt_bytes(b))}</td><td class=n>{esc(_fmt_bytes(a)) if not result.dry_run else '–'}</td>"
-        f"<td class=n>{(a / b if b and not result.dry_run else float('nan')):.3f}×</td></tr>"
-        for s, b, a in (
-            (s, _by_scheme(done, "bytes_before")[s], _by_scheme(done, "bytes_after")[s]) for s in sorted(by_scheme)
+    before_by, after_by = _by_scheme(done, "bytes_before"), _by_scheme(done, "bytes_after")
+    plan = result.dry_run  # a plan has no size after
+
+    def mem_row(head: str, n: Any, b: int, a: int, ratio: bool, cls: str = "") -> str:
+        after = "–" if plan else esc(_fmt_bytes(a))
+        r = f"{a / b:.3f}×" if ratio and b and not plan else ""
+        return (
+            f"<tr{cls}><td>{head}</td><td class=n>{n}</td><td class=n>{esc(_fmt_bytes(b))}</td>"
+            f"<td class=n>{after}</td><td class=n>{r}</td></tr>"
         )
+
+    mem_table = "".join(
+        mem_row(_badge(s, colours), by_scheme[s], before_by[s], after_by[s], True) for s in sorted(by_scheme)
     )
-    mem_table += (
-        f"<tr><td>other parameters</td><td class=n></td><td class=n>{esc(_fmt_bytes(other))}</td>"
-        f"<td class=n>{esc(_fmt_bytes(other))}</td><td class=n></td></tr>"
-        f"<tr class=total><td>whole network</td><td class=n>{len(done)}</td><td class=n>{esc(_fmt_bytes(total_before))}"
-        f"</td><td class=n>{esc(_fmt_bytes(total_after))}</td><td class=n>"
-        f"{(total_after / total_before if total_before else float('nan')):.3f}×</td></tr>"
-    )
+    mem_table += mem_row("other parameters", "", other, other, False)
+    mem_table += mem_row("whole network", len(done), total_before, total_after, True, " class=total")
     parts.append(
         '<section id="memory"><h2>Memory</h2><div class=grid2 style="grid-template-columns:3fr 2fr">'
         + (memory_chart(mem_rows, colours) if total_before else "<p class=muted>The network has no parameters.</p>")

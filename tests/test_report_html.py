@@ -270,6 +270,7 @@ def test_dry_run_report_shows_the_plan(ms_cpu):
     # a plan records the float weight it would rewrite (the 3 x 64 classifier: 768 bytes) and no size after
     assert rows["classifier"][1][3:5] == ["not verified", f"{3 * 64 * 4} B → –"]
     assert "<h3>after</h3>" not in text and "<h3>before (the plan)</h3>" in text
+    assert page.table("memory")["whole network"][1][3:] == ["–", ""]
 
 
 def test_write_is_atomic_and_checks_the_target(bert, tmp_path, monkeypatch):
