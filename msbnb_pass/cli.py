@@ -21,6 +21,7 @@ from ._version import __version__
 from .cli_generate import add_generate_command
 from .cli_memory import add_memory_commands
 from .cli_models import add_model_commands
+from .cli_report import add_report_command
 from .errors import CLIError, MsbnbError
 
 EXIT_OK, EXIT_BELOW_MIN_COSINE, EXIT_USAGE = 0, 1, 2
@@ -274,6 +275,8 @@ def _check_outputs(args) -> None:
             check_output_file(args.output, "-o/--output")
         if args.dump:
             check_output_dir(args.dump, "--dump")
+        if args.html:
+            check_output_file(args.html, "--html")
     elif command == "dump":
         if args.output:
             check_output_dir(args.output, "-o/--output")
@@ -313,6 +316,8 @@ def _cmd_apply(args) -> int:
     if args.dump:
         for path in write_dumps(result, args.dump):
             print(f"wrote {path}", file=sys.stderr)
+    if args.html:
+        print(f"wrote {result.to_html(args.html)}", file=sys.stderr)
     if args.output and not args.dry_run:
         save_checkpoint_atomic(net, args.output)
         print(f"saved the quantized checkpoint to {args.output}", file=sys.stderr)
@@ -466,6 +471,7 @@ def _add_pass_commands(sub) -> None:
     _add_model_args(p)
     p.add_argument("-o", "--output", help="save the quantized network's checkpoint here")
     p.add_argument("--dump", metavar="DIR", help="write before/after graph dumps (text, json, dot) into DIR")
+    p.add_argument("--html", metavar="FILE", help="also write the HTML report (as `msbnb report` does) to FILE")
     p.add_argument("--dry-run", action="store_true", help="match and report, change nothing")
     p.add_argument("--on-violation", choices=("raise", "keep_float", "warn"), default="raise")
     p.add_argument("--backend", choices=("cpu", "reference"))
@@ -510,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(sub)
     add_memory_commands(sub)
     add_generate_command(sub)
+    add_report_command(sub, _add_model_args, _add_allow_import, _run_pass)
     return parser
 
 

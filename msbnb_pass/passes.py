@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,6 +70,7 @@ class PassResult:
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
     kept: list[tuple[str, str]] = field(default_factory=list)  # (path, why) of every weight-holding layer kept
+    rules: list[dict[str, Any]] = field(default_factory=list)  # the rules applied: name, scheme, source, ...
 
     @property
     def quantized(self) -> list[Rewrite]:
@@ -124,7 +127,15 @@ class PassResult:
             "kept": [{"path": p, "reason": r} for p, r in self.kept],
             "graph_before": self.graph_before.summary(),
             "graph_after": self.graph_after.summary(),
+            "rules": [dict(r) for r in self.rules],
         }
+
+    def to_html(self, path: str | os.PathLike, *, title: str | None = None) -> Path:
+        """Write a self-contained HTML report (summary, rules, error and memory charts, verification table,
+        kept layers, the graph before/after) to ``path`` atomically; see ``msbnb_pass.report_html``."""
+        from .report_html import write_html
+
+        return write_html(self, path, title=title)
 
 
 # ---- activations for probes ---------------------------------------------------------------------------------------
@@ -333,7 +344,16 @@ def apply(
         ]
         kept = _kept_layers(trace, ruleset, origins, [])
         return PassResult(
-            net, rewrites, Report(), graph_before, graph_before, trace, dry_run=True, warnings=warnings, kept=kept
+            net,
+            rewrites,
+            Report(),
+            graph_before,
+            graph_before,
+            trace,
+            dry_run=True,
+            warnings=warnings,
+            kept=kept,
+            rules=_rule_rows(ruleset),
         )
 
     with _pynative():
@@ -403,6 +423,23 @@ def _kept_layers(
         out.append((d.path, why))
     out += [(r.path, f"kept in float: {r.reason}") for r in rewrites if r.action == "kept_float"]
     return sorted(out)
+
+
+def _rule_rows(ruleset: RuleSet) -> list[dict[str, Any]]:
+    """What a report says about each rule: name, scheme, replacement, priority and the file:line it came from."""
+    rows = []
+    for r in ruleset:
+        rows.append(
+            {
+                "name": r.name,
+                "scheme": r.scheme,
+                "replacement": r.rewrite["to"],
+                "priority": r.priority,
+                "source": f"{r.source}:{r.line}" if r.line else r.source,
+                "description": r.description,
+            }
+        )
+    return rows
 
 
 @contextlib.contextmanager
@@ -540,7 +577,9 @@ def _rewrite(
     graph_after = build_graph(net)
     graph_before._objects = {}  # drop the references to the replaced float layers: their memory goes now
     kept = _kept_layers(trace, ruleset, origins, rewrites)
-    result = PassResult(net, rewrites, report, graph_before, graph_after, trace, warnings=warnings, kept=kept)
+    result = PassResult(
+        net, rewrites, report, graph_before, graph_after, trace, warnings=warnings, kept=kept, rules=_rule_rows(ruleset)
+    )
     release_memory()
     return result
 
