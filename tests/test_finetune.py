@@ -172,8 +172,10 @@ def test_finetune_command_errors(tiny_checkpoint, tmp_path, capsys):
     assert main(["finetune", *base, "--r", "0"]) == 2
     assert "r must be a positive integer, got 0" in capsys.readouterr().err
     assert main(["finetune", *base, "--target-modules", "q_prj"]) == 2
-    assert "target_modules = ['q_prj'] matches no Linear-like layer; close names: ['q_proj']" in (
-        capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "msbnb finetune: error: target_modules = ['q_prj'] matches no Linear-like layer; close names: "
+        "['o_proj', 'q_proj', 'v_proj']; the layers are named ['down_proj', 'gate_proj', 'k_proj', 'lm_head', "
+        "'o_proj', 'q_proj', 'up_proj', 'v_proj']\n"
     )
     assert not (tmp_path / "a").exists()
 
