@@ -70,7 +70,7 @@ _EXPORTS = {
     "Linear4bitWithLoRA": "lora",
     "Linear8bitWithLoRA": "lora",
     "add_lora": "lora",
-    "get_qlora_model": "lora",
+    "get_qlora_model": "passes",
     "freeze_model_except_lora": "lora",
     "print_lora_info": "lora",
     "merge_lora": "lora",

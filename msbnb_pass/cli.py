@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._version import __version__
+from .cli_finetune import add_finetune_command
 from .cli_generate import add_generate_command
 from .cli_memory import add_memory_commands
 from .cli_models import add_model_commands
@@ -517,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_memory_commands(sub)
     add_generate_command(sub)
     add_report_command(sub, _add_model_args, _add_allow_import, _run_pass)
+    add_finetune_command(sub)
     return parser
 
 

@@ -10,10 +10,12 @@ peft's LoRA, in MindSpore terms (facts and algorithms only, no code copied):
 * adapters on disk: ``adapter_model.safetensors`` with keys ``base_model.model.<path>.lora_A.weight`` /
   ``.lora_B.weight`` and ``adapter_config.json`` with peft's fields, so adapters move both ways.
 
-Composition with quantization: ``get_qlora_model(net, LoraConfig(...), rules="nf4")`` runs the pass
-(``msbnb_pass.apply(net, "nf4")``) and then wraps the targeted layers, quantized or not, with adapters
-(``add_lora``); the two steps are one call and the result is one network. (The pass's rule engine rewrites
-one layer with one rule; adapters wrap whatever that rule produced, so they are added after it.)
+Composition with quantization: LoRA is a stage of the pass. ``apply(net, ["nf4", LoraConfig(...)])`` (or
+the built-in family ``"lora"``, or a TOML file with a ``[lora]`` table) quantizes with the rules and then,
+inside the same transaction, wraps the targeted layers, quantized or not, with adapters: one pass, one
+network, and a failure anywhere rolls back everything. ``get_qlora_model(net, config, rules="nf4")``
+(``msbnb_pass.passes``) is that call. (The rule engine rewrites one layer with one rule; the adapters wrap
+whatever that rule produced, so they are a stage after the rules rather than a second rule on the layer.)
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ __all__ = [
     "LoraError",
     "add_lora",
     "freeze_model_except_lora",
-    "get_qlora_model",
+    "lora_config_from_toml",
+    "lora_targets",
+    "split_lora_spec",
     "load_lora_adapters",
     "lora_layers",
     "merge_lora",
@@ -390,18 +394,9 @@ def _rename(net: nn.Cell) -> None:
             p.name = name
 
 
-def _set_child(net: nn.Cell, path: str, new: nn.Cell) -> None:
-    from .rewrite import _cell_at
-    from .rewrite import _set_child as set_child
-
-    parent_path, _, attr = path.rpartition(".")
-    set_child(_cell_at(net, parent_path), attr, new)
-
-
-def add_lora(net: nn.Cell, config: LoraConfig) -> list[str]:
-    """Wrap every Linear-like layer of ``net`` that ``config.target_modules`` selects with a LoRA layer
-    (float, 8-bit and 4-bit bases alike), freeze everything but the adapters, name every parameter after
-    its tree path; returns the wrapped paths. Nothing changes when a target is refused."""
+def _linear_targets(net: nn.Cell, config: LoraConfig) -> dict[str, nn.Cell]:
+    """The Linear-like layers ``config`` selects (path -> cell), outside existing LoRA layers. Raises
+    ``LoraError`` listing the close names when nothing matches, or naming a target that cannot take LoRA."""
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
     inside_lora = set()
@@ -411,7 +406,7 @@ def add_lora(net: nn.Cell, config: LoraConfig) -> list[str]:
             inside_lora.update(f"{name}.{c}" for c in ("base_layer", "lora_A", "lora_B"))
         elif _is_linear(cell) and name not in inside_lora and name:
             linears[name] = cell
-    targets = [p for p in linears if config.matches(p)]
+    targets = {p: c for p, c in linears.items() if config.matches(p)}
     if not targets:
         leaf_names = sorted({p.rsplit(".", 1)[-1] for p in linears})
         wanted = config.target_modules if isinstance(config.target_modules, list) else [config.target_modules]
@@ -420,34 +415,137 @@ def add_lora(net: nn.Cell, config: LoraConfig) -> list[str]:
             f"target_modules = {config.target_modules!r} matches no Linear-like layer; "
             f"{'close names: ' + str(hints) + '; ' if hints else ''}the layers are named {leaf_names}"
         )
-    for path in targets:
-        if _has_activation(linears[path]):
+    for path, cell in targets.items():
+        if _has_activation(cell):
             raise LoraError(f"{path}: a layer with a fused activation cannot take a LoRA update (target it out)")
-    new_layers = {
-        path: _lora_class(linears[path])._from_base(linears[path], config.r, config.lora_alpha, config.lora_dropout)
-        for path in targets
-    }
-    for path, layer in new_layers.items():
-        _set_child(net, path, layer)
-    freeze_model_except_lora(net)
-    _rename(net)
-    net.lora_config = config
-    logger.info("LoRA (r=%d, alpha=%s) added to %d layers", config.r, config.lora_alpha, len(targets))
     return targets
 
 
-def get_qlora_model(net: nn.Cell, config: LoraConfig, rules: Any = "nf4", **apply_kwargs: Any) -> nn.Cell:
-    """A float network -> a QLoRA network in one call: the pass with ``rules`` (default the built-in "nf4"
-    family; None skips quantization, any ``msbnb_pass.apply`` rule spec works) and then LoRA on the layers
-    ``config`` targets. Returns ``net`` (rewritten in place)."""
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
-    if rules is not None:
-        from .passes import apply
+def lora_targets(net: nn.Cell, config: LoraConfig) -> list[str]:
+    """The paths ``add_lora(net, config)`` would wrap (the same checks and errors; nothing changes)."""
+    return list(_linear_targets(net, config))
 
-        apply(net, rules, **apply_kwargs)
-    add_lora(net, config)
-    return net
+
+def add_lora(net: nn.Cell, config: LoraConfig, transaction: Any = None) -> list[str]:
+    """Wrap every Linear-like layer of ``net`` that ``config.target_modules`` selects with a LoRA layer
+    (float, 8-bit and 4-bit bases alike), freeze everything but the adapters, name every parameter after
+    its tree path; returns the wrapped paths. Nothing changes when a target is refused.
+
+    ``transaction``: a ``rewrite.Transaction`` to record the edits in (the pass gives its own, so that a
+    later failure rolls the adapters back with everything else); the parameter names are then left to the
+    caller's renaming."""
+    from .rewrite import _cell_at, _set_child
+
+    targets = _linear_targets(net, config)
+    flags = [(p, p.requires_grad) for _, p in net.parameters_and_names()]
+    if transaction is not None:
+
+        def restore() -> None:
+            for p, flag in flags:
+                p.requires_grad = flag
+
+        transaction.undo.append(restore)
+    new_layers = {
+        path: _lora_class(cell)._from_base(cell, config.r, config.lora_alpha, config.lora_dropout)
+        for path, cell in targets.items()
+    }
+    for path, layer in new_layers.items():
+        parent_path, _, attr = path.rpartition(".")
+        parent = _cell_at(net, parent_path)
+        if transaction is not None:
+            transaction.set_child(parent, attr, layer)
+        else:
+            _set_child(parent, attr, layer)
+    freeze_model_except_lora(net)
+    if transaction is None:
+        _rename(net)
+    elif "lora_config" in net.__dict__:
+        old = net.__dict__["lora_config"]
+        transaction.undo.append(lambda: setattr(net, "lora_config", old))
+    else:
+        transaction.undo.append(lambda: net.__dict__.pop("lora_config", None))
+    net.lora_config = config
+    logger.info("LoRA (r=%d, alpha=%s) added to %d layers", config.r, config.lora_alpha, len(targets))
+    return list(targets)
+
+
+# ---- LoRA as a stage of the pass ------------------------------------------------------------------------------
+LORA_FAMILY = "lora"
+LORA_TOML_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "exclude_modules", "task_type")
+
+
+def lora_config_from_toml(source: str | os.PathLike, text: str | None = None) -> LoraConfig:
+    """A LoraConfig from a TOML file holding one ``[lora]`` table (``r``, ``lora_alpha``, ``lora_dropout``,
+    ``target_modules``, ``bias``, ``exclude_modules``, ``task_type``); errors name the file and the key."""
+    import tomllib
+
+    from .errors import did_you_mean
+
+    src = str(source)
+    if text is None:
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise LoraError(f"{src}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise LoraError(f"{src}: not valid TOML: {exc}") from None
+    if not isinstance(data.get("lora"), dict):
+        raise LoraError(f"{src}: no [lora] table")
+    other = sorted(set(data) - {"lora"})
+    if other:
+        raise LoraError(
+            f"{src}: a LoRA file holds only the [lora] table, found also {other}; put quantization rules in "
+            "their own file and pass both (apply(net, ['rules.toml', 'lora.toml']))"
+        )
+    table = data["lora"]
+    for key in table:
+        if key not in LORA_TOML_KEYS:
+            raise LoraError(
+                f"{src}: [lora]: unknown key {key!r}{did_you_mean(key, LORA_TOML_KEYS)}; "
+                f"accepted: {list(LORA_TOML_KEYS)}"
+            )
+    try:
+        return LoraConfig(**table)
+    except LoraError as exc:
+        raise LoraError(f"{src}: [lora]: {exc}") from None
+
+
+def _is_lora_file(item: Any) -> bool:
+    import tomllib
+
+    if not isinstance(item, (str, os.PathLike)) or not str(item).endswith(".toml") or not Path(item).is_file():
+        return False
+    try:
+        return "lora" in tomllib.loads(Path(item).read_text(encoding="utf-8"))
+    except (OSError, UnicodeError, tomllib.TOMLDecodeError):
+        return False  # not ours: the rule loader reports it
+
+
+def split_lora_spec(spec: Any) -> tuple[Any, LoraConfig | None]:
+    """Separate the LoRA part of a pass's rule spec: a ``LoraConfig``, the built-in family ``"lora"``
+    (``rules/lora.toml``) or a TOML file with a ``[lora]`` table, alone or inside a list. Returns
+    ``(the rest, the LoraConfig or None)``; more than one LoRA config is an error (a layer takes one)."""
+    from .rules import _builtin_text
+
+    items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    rest: list[Any] = []
+    found: list[LoraConfig] = []
+    for item in items:
+        if isinstance(item, LoraConfig):
+            found.append(item)
+        elif isinstance(item, str) and item == LORA_FAMILY:
+            found.append(lora_config_from_toml("rules/lora.toml", _builtin_text("lora.toml")))
+        elif _is_lora_file(item):
+            found.append(lora_config_from_toml(item))
+        else:
+            rest.append(item)
+    if len(found) > 1:
+        raise LoraError(f"one LoRA config per pass (a layer takes one adapter), got {len(found)}")
+    if not found:
+        return spec, None
+    return (rest if isinstance(spec, (list, tuple)) or not rest else rest[0]), found[0]
 
 
 def freeze_model_except_lora(model: nn.Cell) -> int:

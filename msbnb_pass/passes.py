@@ -23,6 +23,7 @@ from . import kernels
 from .config_rules import resolve_rules, skip_origins
 from .errors import PassError, QuantizationError, RewriteError, closest
 from .graph import NetGraph, build_graph
+from .lora import LoraConfig, add_lora, lora_targets, split_lora_spec
 from .match import Match, MatchTrace, find_matches
 from .memory import release_memory
 from .rewrite import Transaction, apply_match, linear_view, rename_parameters
@@ -31,7 +32,7 @@ from .verify import VIOLATION_ACTIONS, Bound, LayerCheck, Report, bound_for, com
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PassError", "PassResult", "Rewrite", "apply", "explain", "quantize"]
+__all__ = ["PassError", "PassResult", "Rewrite", "apply", "explain", "get_qlora_model", "quantize"]
 
 PROBE_ROWS = 8  # synthetic probe rows per layer
 KERNEL_CHECK_ROWS = 64  # output rows compared against the reference computation
@@ -71,6 +72,8 @@ class PassResult:
     warnings: list[str] = field(default_factory=list)
     kept: list[tuple[str, str]] = field(default_factory=list)  # (path, why) of every weight-holding layer kept
     rules: list[dict[str, Any]] = field(default_factory=list)  # the rules applied: name, scheme, source, ...
+    lora: list[str] = field(default_factory=list)  # layers given LoRA adapters (planned, in a dry run)
+    lora_config: LoraConfig | None = None
 
     @property
     def quantized(self) -> list[Rewrite]:
@@ -98,6 +101,12 @@ class PassResult:
             by_rule[r.rule] = by_rule.get(r.rule, 0) + 1
         for rule, n in sorted(by_rule.items()):
             lines.append(f"  {rule}: {n}")
+        if self.lora_config is not None:
+            c = self.lora_config
+            lines.append(
+                f"{'would add' if self.dry_run else 'added'} LoRA adapters (r={c.r}, lora_alpha={c.lora_alpha}) "
+                f"to {len(self.lora)} layer(s)"
+            )
         if self.kept:
             lines.append(f"kept {len(self.kept)} weight-holding layer(s) in full precision:")
             lines.extend(f"  {path or '<root>'}: {why}" for path, why in self.kept)
@@ -125,6 +134,8 @@ class PassResult:
             "trace": self.trace.to_dict(),
             "warnings": list(self.warnings),
             "kept": [{"path": p, "reason": r} for p, r in self.kept],
+            "lora": list(self.lora),
+            "lora_config": self.lora_config.to_peft_dict() if self.lora_config is not None else None,
             "graph_before": self.graph_before.summary(),
             "graph_after": self.graph_after.summary(),
             "rules": [dict(r) for r in self.rules],
@@ -276,7 +287,9 @@ def apply(
     Args:
         net: the network (an ``nn.Cell``), before compiling it.
         rules_or_config: a RuleSet / Rule / list, a built-in family ("nf4", "int8", ...), a TOML file, or a
-            BitsAndBytesConfig / QuantConfig.
+            BitsAndBytesConfig / QuantConfig. A ``LoraConfig``, the family "lora" or a TOML file with a
+            ``[lora]`` table in it (``["nf4", LoraConfig(...)]``) adds LoRA adapters to the layers it targets
+            after the rules ran, in the same transaction (QLoRA in one pass).
         sample_inputs: a Tensor or tuple of Tensors the network accepts; each rewritten layer is then
             verified on the activations it really sees, and the whole network end to end.
         verify: check every rewritten layer against its float original and its kernel against the
@@ -309,7 +322,11 @@ def apply(
         raise TypeError(f"seed must be an int, got {seed!r}")
     if bounds is not None and (not isinstance(bounds, dict) or not all(isinstance(b, Bound) for b in bounds.values())):
         raise TypeError(f"bounds must be a dict of scheme -> verify.Bound, got {bounds!r}")
+    rules_or_config, lora_config = split_lora_spec(rules_or_config)
     ruleset = resolve_rules(rules_or_config, allow_imports=allow_imports)
+    # LoRA targets are checked on the network as it is (the rules keep every layer's path): a config
+    # matching nothing fails here, before anything is rewritten
+    lora_planned = lora_targets(net, lora_config) if lora_config is not None else []
     if backend is not None:
         if backend not in kernels.available_backends():
             raise PassError(f"backend must be one of {kernels.available_backends()}, got {backend!r}")
@@ -354,6 +371,8 @@ def apply(
             warnings=warnings,
             kept=kept,
             rules=_rule_rows(ruleset),
+            lora=lora_planned,
+            lora_config=lora_config,
         )
 
     with _pynative():
@@ -371,6 +390,7 @@ def apply(
             progress,
             seed,
             origins,
+            lora_config,
         )
 
 
@@ -471,6 +491,7 @@ def _rewrite(
     progress,
     seed,
     origins,
+    lora_config=None,
 ) -> PassResult:
     captured, outputs_before = ({}, None)
     if sample_inputs is not None:
@@ -566,6 +587,7 @@ def _rewrite(
                     raise
                 except Exception as exc:
                     raise RewriteError(f"{cand.path or '<root>'}: rewrite failed: {type(exc).__name__}: {exc}") from exc
+        lora = add_lora(net, lora_config, transaction=txn) if lora_config is not None else []
         rename_parameters(txn, net)
         if sample_inputs is not None:
             args = sample_inputs if isinstance(sample_inputs, (tuple, list)) else (sample_inputs,)
@@ -578,10 +600,34 @@ def _rewrite(
     graph_before._objects = {}  # drop the references to the replaced float layers: their memory goes now
     kept = _kept_layers(trace, ruleset, origins, rewrites)
     result = PassResult(
-        net, rewrites, report, graph_before, graph_after, trace, warnings=warnings, kept=kept, rules=_rule_rows(ruleset)
+        net,
+        rewrites,
+        report,
+        graph_before,
+        graph_after,
+        trace,
+        warnings=warnings,
+        kept=kept,
+        rules=_rule_rows(ruleset),
+        lora=lora,
+        lora_config=lora_config,
     )
     release_memory()
     return result
+
+
+def get_qlora_model(net: nn.Cell, config: LoraConfig, rules: Any = "nf4", **apply_kwargs: Any) -> nn.Cell:
+    """A float network -> a QLoRA network in one pass: ``apply(net, [rules, config])`` quantizes with
+    ``rules`` (default the built-in "nf4" family; None adds adapters only, to whatever the model holds)
+    and adds LoRA to the layers ``config`` targets, in one transaction. Returns ``net`` (rewritten in place)."""
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+    if rules is None:
+        add_lora(net, config)
+        return net
+    spec = list(rules) if isinstance(rules, (list, tuple)) else [rules]
+    apply(net, [*spec, config], **apply_kwargs)
+    return net
 
 
 def quantize(net: nn.Cell, config: Any, **kwargs: Any) -> PassResult:
