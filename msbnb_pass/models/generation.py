@@ -27,7 +27,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from ..errors import MsbnbError
 from ..kernels import decode_ops, get_backend
-from ..nn import Linear4bit
+from ..nn import Linear4bit, Linear8bit
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,9 @@ class CachedDecoder(nn.Cell):
     bit-identical to calling them one by one; float32 layers at T = 1: one float32 kernel, also for a
     tied head). Otherwise every step is plain MindSpore ops."""
 
-    def __init__(self, lm: nn.Cell, batch: int, max_len: int, lean: bool | None = None):
+    def __init__(
+        self, lm: nn.Cell, batch: int, max_len: int, lean: bool | None = None, quantized_head: str | None = None
+    ):
         super().__init__()
         cfg = lm.config
         self.lm = lm
@@ -96,6 +98,9 @@ class CachedDecoder(nn.Cell):
         self.lean = bool(lean)
         if self.lean:
             self._plan_lean(lm)
+        self.quantized_head = _check_head(quantized_head)
+        if quantized_head is not None:
+            self.head_q = _int8_head(lm)
 
     # ---- the lean step: one aot kernel per norm, RoPE, attention and SwiGLU, fused projections -----------------
     def _plan_lean(self, lm: nn.Cell) -> None:
@@ -178,7 +183,9 @@ class CachedDecoder(nn.Cell):
             norm = model.norm.weight if i == self.n_layers - 1 else layers[i + 1].input_layernorm.weight
             x, a = self.add_rms_op(x, h, norm, self.eps_t)
         last = a[:, t - 1 :, :]
-        if self.lm.tied:
+        if self.quantized_head is not None:
+            logits = self.head_q(last)
+        elif self.lm.tied:
             logits = self.f32_1(last, model.embed_tokens.weight)
         else:
             logits = self._project(self.head_kind, (self.lm.lm_head,), last, 1)
@@ -239,7 +246,33 @@ class CachedDecoder(nn.Cell):
             x = x + h
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         h = model.norm(x[:, t - 1 :, :])
+        if self.quantized_head is not None:
+            return self.head_q(h).reshape(b, -1)
         return self.lm.head(h).reshape(b, -1)
+
+
+def _check_head(quantized_head: str | None) -> str | None:
+    if quantized_head not in (None, "int8"):
+        raise GenerationError(f"quantized_head must be None (the exact head) or 'int8', got {quantized_head!r}")
+    return quantized_head
+
+
+def _int8_head(lm: nn.Cell) -> nn.Cell:
+    """An int8 copy (bitsandbytes' row-wise absmax format) of the float32 output head, for the opt-in
+    ``quantized_head='int8'``: the network keeps its float head (and the tied embedding)."""
+    if lm.tied:
+        w = lm.model.embed_tokens.weight
+    elif type(lm.lm_head) is nn.Dense and not lm.lm_head.has_bias:
+        w = lm.lm_head.weight
+    else:
+        raise GenerationError(
+            f"quantized_head='int8' needs a float head without bias (a tied embedding or an nn.Dense lm_head), "
+            f"got {type(lm.lm_head).__name__}"
+        )
+    w = w.asnumpy().astype(np.float32)
+    head = Linear8bit(w.shape[1], w.shape[0], bias=False, has_fp16_weights=False, weight=w, layer_name="lm_head")
+    head.name_parameters("head_int8.")
+    return head
 
 
 def _w4_args(cell):
@@ -376,7 +409,9 @@ def sample_next(
     return out
 
 
-def _decoder(lm: nn.Cell, batch: int, max_len: int, lean: bool | None = None) -> CachedDecoder:
+def _decoder(
+    lm: nn.Cell, batch: int, max_len: int, lean: bool | None = None, quantized_head: str | None = None
+) -> CachedDecoder:
     """The cached decoder for (batch, max_len, lean), reused across calls (and so its compiled graphs) while
     the network keeps the same cells; a rewritten network (the pass, dequantize_model) gets a new one. At
     most one decoder per kind of step (lean or plain) is kept."""
@@ -388,7 +423,7 @@ def _decoder(lm: nn.Cell, batch: int, max_len: int, lean: bool | None = None) ->
             holder.clear()
     want = (decode_ops.available() and get_backend() == "cpu") if lean is None else bool(lean)
     for i, (dec, _) in enumerate(holder):
-        if dec.lean != want:
+        if dec.lean != want or dec.quantized_head != quantized_head:
             continue
         if (dec.batch, dec.max_len) == (batch, max_len):
             for p in list(dec.k_cache) + list(dec.v_cache):
@@ -396,7 +431,7 @@ def _decoder(lm: nn.Cell, batch: int, max_len: int, lean: bool | None = None) ->
             return dec
         del holder[i]
         break
-    dec = CachedDecoder(lm, batch, max_len, want)
+    dec = CachedDecoder(lm, batch, max_len, want, quantized_head)
     holder.append((dec, cells))  # the cells themselves (not ids, which a freed cell's successor could reuse)
     return dec
 
@@ -423,6 +458,7 @@ def generate(
     pad_token_id: int | None = None,
     streamer: Callable[[np.ndarray], bool | None] | None = None,
     decode_kernels: bool | None = None,
+    quantized_head: str | None = None,
 ) -> np.ndarray:
     """Generate up to ``max_new_tokens`` tokens after each prompt with a KV cache.
 
@@ -442,6 +478,9 @@ def generate(
             RoPE, attention and SwiGLU; q/k/v and gate/up projections fused into one kernel call each; see
             :class:`CachedDecoder`). Default: when the C++ kernel backend is in use. False: plain
             MindSpore ops (the reference the lean step is tested against).
+        quantized_head: None (default): the exact float32 head. "int8" (opt-in, not exact): an int8
+            row-wise copy of the float head (tied embedding or float ``lm_head``), streamed at a quarter
+            of the bytes per token; greedy tokens may differ from the float head's at near-ties.
 
     Returns the ids ``[batch, length + generated]`` (int64), prompts included.
     Raises :class:`GenerationError` (a ``MsbnbError``/``ValueError``) for unusable arguments.
@@ -470,7 +509,7 @@ def generate(
             f"(max_seq_len / max_position_embeddings)"
         )
     s = min(limit, -(-needed // _SLOT_ROUND) * _SLOT_ROUND)
-    dec = _decoder(lm, b, s, decode_kernels)
+    dec = _decoder(lm, b, s, decode_kernels, _check_head(quantized_head))
     n_kv = dec.n_kv
     rng = np.random.default_rng(seed) if do_sample else None
 

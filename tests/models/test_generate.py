@@ -141,6 +141,23 @@ def test_lean_step_runs_separate_cells_it_cannot_fuse(ms_cpu, graph_mode):
     assert lean.tolist() == net.generate(prompt, max_new_tokens=8, decode_kernels=False).tolist()
 
 
+def test_opt_in_int8_head(tiny, graph_mode):
+    """quantized_head='int8' computes the logits with an int8 row-wise copy of the float head (the network
+    keeps its float32 head); the tiny model's logits are far from ties, so greedy tokens agree."""
+    from msbnb_pass import formats
+
+    prompt = [[3, 1, 4, 1, 5]]
+    exact = tiny.generate(prompt, max_new_tokens=8)
+    assert tiny.generate(prompt, max_new_tokens=8, quantized_head="int8").tolist() == exact.tolist()
+    dec = next(d for d, _ in tiny.__dict__["_generation_decoder"] if d.quantized_head == "int8")
+    head = tiny.model.embed_tokens.weight if tiny.tied else tiny.lm_head.weight
+    cb, scb = formats.int8_vectorwise_quant(head.asnumpy())
+    assert np.array_equal(dec.head_q.weight.asnumpy(), cb)
+    assert head.dtype == ms.float32  # the network's own head is untouched
+    with pytest.raises(GenerationError, match="quantized_head must be None .* or 'int8', got 'int4'"):
+        tiny.generate(prompt, quantized_head="int4")
+
+
 def test_seeded_sampling_is_reproducible(tiny, graph_mode):
     ids = np.array([[3, 1, 4, 1, 5]], np.int32)
     kw = dict(max_new_tokens=10, do_sample=True, temperature=1.5, top_k=20, top_p=0.95)
