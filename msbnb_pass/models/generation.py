@@ -294,7 +294,7 @@ def _is_w4(cell: nn.Cell) -> bool:
     """A Linear4bit the fused multi-projection kernel computes exactly as the layer itself does: the C++
     backend, float32 compute and input, no activation."""
     return (
-        isinstance(cell, Linear4bit)
+        type(cell) is Linear4bit  # not a subclass, which may compute more (adapters) in its construct
         and type(cell.kernel).__name__ == "FusedLinear4bit"
         and cell.compute_dtype_name == "float32"  # (a float32 input is passed through unchanged)
         and not cell.activation_flag
