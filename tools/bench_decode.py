@@ -376,6 +376,8 @@ def _profile_lean(net) -> dict:
     class Head(nn.Cell):
         @ms.jit
         def construct(self, x):
+            if dec.head_kind == "q8":
+                return dec.q8_op(x, dec.head_q8, dec.head_q8_scale)
             if net.tied:
                 return dec.f32_1(x, net.model.embed_tokens.weight)
             return dec._project(dec.head_kind, (net.lm_head,), x, 1)

@@ -12,6 +12,8 @@ library is available; ``available()`` says whether it is.
 * ``swiglu(gu [..., 2I]) -> silu(gu[..., :I]) * gu[..., I:]``
 * ``linear_f32(n_weights)(x, W_1, ..., W_g) -> x @ [W_1; ...; W_g]^T`` (float32 weights, no bias)
 * ``linear4bit_multi(n)(x, 9 tensors per projection...) -> the projections' outputs concatenated``
+* ``linear_q8(x [..., K], q int8 [N, K], d [N, K/32]) -> x @ (q * d)^T`` (a float32 weight held losslessly
+  as int8 codes and one scale per 32 weights, decoded exactly; float32 products and sums)
 """
 
 from __future__ import annotations
@@ -121,3 +123,12 @@ def linear4bit_multi(n_projections: int):
     if not 1 <= n_projections <= 8:
         raise ValueError(f"linear4bit_multi takes 1 to 8 projections, got {n_projections}")
     return ops.Custom(_fn("MsbnbLinear4bitMulti"), out_shape=_linear4bit_multi_shape, out_dtype=_f32, func_type="aot")
+
+
+def _linear_q8_shape(x, q, d):
+    return list(x[:-1]) + [q[0]]
+
+
+@cache
+def linear_q8():
+    return ops.Custom(_fn("MsbnbLinearQ8"), out_shape=_linear_q8_shape, out_dtype=_f32, func_type="aot")

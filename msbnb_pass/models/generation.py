@@ -57,8 +57,11 @@ class CachedDecoder(nn.Cell):
     q/k/v output into heads, attention over the cache (grouped-query heads read their key/value head in
     place, masked slots skipped), SwiGLU, each one aot kernel (``msbnb_pass.kernels.decode_ops``); the
     q/k/v and the gate/up projections each one kernel call reading the layers' own weights (4-bit layers:
-    bit-identical to calling them one by one; float32 layers at T = 1: one float32 kernel, also for a
-    tied head). Otherwise every step is plain MindSpore ops."""
+    bit-identical to calling them one by one; float32 layers at T = 1: one float32 kernel). A float32
+    head (tied embedding or ``lm_head``) whose weights are int8 codes times one scale per 32 without loss
+    (a GGUF Q8_0 embedding, or its dequantized twin: see :func:`lossless_q8`) is streamed in that form, a
+    quarter of the bytes, decoded exactly in the kernel (a decode-time copy of ~1.1 bytes per weight);
+    any other float32 head by the float32 kernel. Otherwise every step is plain MindSpore ops."""
 
     def __init__(
         self, lm: nn.Cell, batch: int, max_len: int, lean: bool | None = None, quantized_head: str | None = None
@@ -119,6 +122,14 @@ class CachedDecoder(nn.Cell):
         kinds = {name: _group_kind(cells) for name, cells in groups.items()}
         self.kind_qkv, self.kind_o, self.kind_gate_up, self.kind_down = (kinds[k] for k in groups)
         self.head_kind = _group_kind([(lm.lm_head,)]) if not lm.tied else "f32"
+        if self.head_kind == "f32":
+            head = lm.model.embed_tokens.weight if lm.tied else lm.lm_head.weight
+            q8 = lossless_q8(head.asnumpy())
+            if q8 is not None:  # the same float32 weights in a quarter of the bytes: exact, and faster
+                self.head_kind = "q8"
+                self.head_q8 = Parameter(Tensor(q8[0]), name="head_q8.codes", requires_grad=False)
+                self.head_q8_scale = Parameter(Tensor(q8[1]), name="head_q8.scales", requires_grad=False)
+                self.q8_op = decode_ops.linear_q8()
         self.rope_op = decode_ops.rope_split(self.n_heads, self.n_kv)
         self.rope_meta = Tensor(np.array([self.n_heads, self.n_kv], np.int64))
         self.attention_op = decode_ops.cache_attention()
@@ -185,6 +196,8 @@ class CachedDecoder(nn.Cell):
         last = a[:, t - 1 :, :]
         if self.quantized_head is not None:
             logits = self.head_q(last)
+        elif self.head_kind == "q8":
+            logits = self.q8_op(last, self.head_q8, self.head_q8_scale)
         elif self.lm.tied:
             logits = self.f32_1(last, model.embed_tokens.weight)
         else:
@@ -249,6 +262,27 @@ class CachedDecoder(nn.Cell):
         if self.quantized_head is not None:
             return self.head_q(h).reshape(b, -1)
         return self.lm.head(h).reshape(b, -1)
+
+
+def lossless_q8(w: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(q int8 [N, K], d float32 [N, K / block])`` with ``q * d == w`` exactly in float32 for every
+    weight, or None when ``w`` [N, K] has no such form (it has one when it was stored as GGUF Q8_0, or
+    is that storage's dequantized float32 twin: an fp16 scale times an int8 code is exact in float32).
+    Each block's scale is its largest magnitude / 127 (Q8_0's rule), which recovers the stored scale."""
+    w = np.asarray(w)
+    if w.dtype != np.float32 or w.ndim != 2 or w.shape[1] % block or not np.isfinite(w).all():
+        return None
+    n, k = w.shape
+    v = w.reshape(n, k // block, block)
+    d = (np.abs(v).max(axis=-1) / np.float32(127)).astype(np.float32)
+    q = v / np.where(d > 0, d, np.float32(1))[..., None]
+    qi = np.rint(q)
+    if not (np.abs(qi) <= 127).all() or not np.array_equal(qi, q):
+        return None
+    qi = qi.astype(np.int8)
+    if not np.array_equal(qi.astype(np.float32) * d[..., None], v):
+        return None
+    return qi.reshape(n, k), d
 
 
 def _check_head(quantized_head: str | None) -> str | None:

@@ -213,3 +213,48 @@ def test_bad_calls_fail_with_the_kernels_message(d):
         d.linear_f32(9)
     with pytest.raises(ValueError, match="linear4bit_multi takes 1 to 8 projections, got 0"):
         d.linear4bit_multi(0)
+
+
+def q8_matrix(rng, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Q8_0-style weight: fp16 scales per 32, int8 codes in [-127, 127] with a +-127 in every block."""
+    q = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    q[:, ::32] = 127 * rng.choice(np.array([-1, 1], np.int8), (n, k // 32))
+    d = rng.uniform(1e-4, 1e-2, (n, k // 32)).astype(np.float16).astype(np.float32)
+    return q, d, (q.reshape(n, -1, 32).astype(np.float32) * d[..., None]).reshape(n, k)
+
+
+def test_lossless_q8_recovers_the_codes_or_refuses():
+    from msbnb_pass.models.generation import lossless_q8
+
+    rng = np.random.default_rng(5)
+    q, d, w = q8_matrix(rng, 40, 96)
+    w[3, 32:64] = 0.0  # an all-zero block: scale 0, codes 0
+    q[3, 32:64], d[3, 1] = 0, 0.0
+    got = lossless_q8(w)
+    assert got is not None and np.array_equal(got[0], q) and np.array_equal(got[1], d)
+    assert lossless_q8(rng.standard_normal((40, 96)).astype(np.float32)) is None  # not int8 x scale
+    assert lossless_q8(w[:, :80]) is None  # K not a multiple of 32
+
+
+@pytest.mark.parametrize("isa", ALL_ISAS, indirect=True)
+@pytest.mark.parametrize("m", [1, 2])
+def test_linear_q8_equals_the_float_weights_product(d, isa, m):
+    rng = np.random.default_rng(6 + m)
+    q, s, w = q8_matrix(rng, 1000, 576)
+    x = rng.standard_normal((m, 1, 576)).astype(np.float32)
+    y = d.linear_q8()(Tensor(x), Tensor(q), Tensor(s)).asnumpy()
+    assert y.shape == (m, 1, 1000)
+    assert_matmul_close(y, x, w, what="int8 x scale head")  # q * s is w exactly: the float32 bound holds
+
+
+def test_linear_q8_gives_the_same_bits_on_every_instruction_set(d):
+    q, s, _ = q8_matrix(np.random.default_rng(9), 300, 576)
+    x = Tensor(np.random.default_rng(10).standard_normal((1, 576)).astype(np.float32))
+    outs = []
+    try:
+        for name in _lib.supported_isas():
+            _lib.set_isa(name)
+            outs.append(d.linear_q8()(x, Tensor(q), Tensor(s)).asnumpy())
+    finally:
+        _lib.set_isa("auto")
+    assert len(outs) >= 2 and all(np.array_equal(o, outs[0]) for o in outs)

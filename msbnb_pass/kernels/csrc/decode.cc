@@ -11,6 +11,8 @@
 // keep 16 independent partial sums so that the compiler vectorises them without reassociating (the
 // library is built with -ffp-contract=off and without fast-math), and these kernels are bound by launch
 // overhead or by memory bandwidth, not by arithmetic.
+#include <immintrin.h>
+
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
@@ -20,6 +22,8 @@
 #include "msbnb.h"
 
 #define MSBNB_EXPORT extern "C" __attribute__((visibility("default")))
+
+extern "C" const char *msbnb_isa();  // api.cc
 
 namespace msbnb {
 namespace {
@@ -279,6 +283,120 @@ MSBNB_EXPORT int MsbnbLinearF32(int nparam, void **params, int *ndims, int64_t *
     }
   };
   if (total * K * (M > 0 ? M : 1) >= 65536)
+    parallel_tasks(ntasks, [&](int64_t t) { task(t); });
+  else
+    for (int64_t t = 0; t < ntasks; ++t) task(t);
+  return 0;
+}
+
+// The float32 head kept as int8 codes with one float32 scale per 32 weights of a row, when that is lossless
+// (w = q * d exactly, as for a GGUF Q8_0 embedding and its dequantized twin): y[..., N] = x[..., K] @ W^T
+// with W = q * d decoded exactly, float32 products and sums: the float32 weights' result, a quarter of the
+// bytes streamed. inputs: x [..., K], q int8 [N, K], d float32 [N, K / 32]; output y [..., N].
+namespace msbnb {
+namespace {
+constexpr int64_t kQ8Block = 32;
+
+// Lane j (0..15) of the accumulator sums ((float)q * d) * x over the elements j and 16 + j of every block, in
+// block order; then the fixed pairwise reduction of dot(). The AVX-512 (one zmm), AVX2 (two ymm) and portable
+// versions do the same IEEE operations in the same order: the same bits on every machine.
+inline float reduce16(float *lanes) {
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
+  return lanes[0];
+}
+
+__attribute__((target("avx512f"))) float q8_dot_avx512(const float *x, const int8_t *q, const float *d, int64_t nb) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m512 s = _mm512_set1_ps(d[b]);
+    const int8_t *qb = q + b * kQ8Block;
+    const float *xb = x + b * kQ8Block;
+    __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(qb))));
+    __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(qb + 16))));
+    acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_mul_ps(w0, s), _mm512_loadu_ps(xb)));
+    acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_mul_ps(w1, s), _mm512_loadu_ps(xb + 16)));
+  }
+  alignas(64) float lanes[kLanes];
+  _mm512_store_ps(lanes, acc);
+  return reduce16(lanes);
+}
+
+__attribute__((target("avx2"))) float q8_dot_avx2(const float *x, const int8_t *q, const float *d, int64_t nb) {
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();  // lanes 0-7 and 8-15
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256 s = _mm256_set1_ps(d[b]);
+    const int8_t *qb = q + b * kQ8Block;
+    const float *xb = x + b * kQ8Block;
+    for (int half = 0; half < 2; ++half) {
+      const int8_t *qh = qb + 16 * half;
+      const float *xh = xb + 16 * half;
+      __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(qh))));
+      __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(qh + 8))));
+      lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_mul_ps(w0, s), _mm256_loadu_ps(xh)));
+      hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_mul_ps(w1, s), _mm256_loadu_ps(xh + 8)));
+    }
+  }
+  alignas(32) float lanes[kLanes];
+  _mm256_store_ps(lanes, lo);
+  _mm256_store_ps(lanes + 8, hi);
+  return reduce16(lanes);
+}
+
+float q8_dot_portable(const float *x, const int8_t *q, const float *d, int64_t nb) {
+  float acc[kLanes] = {0};
+  for (int64_t b = 0; b < nb; ++b) {
+    const float s = d[b];
+    for (int half = 0; half < 2; ++half)
+      for (int j = 0; j < kLanes; ++j) {
+        const int64_t i = b * kQ8Block + 16 * half + j;
+        acc[j] += ((float)q[i] * s) * x[i];
+      }
+  }
+  return reduce16(acc);
+}
+
+typedef float (*Q8Dot)(const float *, const int8_t *, const float *, int64_t);
+
+// the instruction set the library runs (msbnb_set_isa / MSBNB_ISA; api.cc checks the CPU has it)
+Q8Dot q8_dot() {
+  const char *isa = msbnb_isa();
+  if (std::strcmp(isa, "avx512") == 0) return q8_dot_avx512;
+  if (std::strcmp(isa, "avx2") == 0) return q8_dot_avx2;
+  return q8_dot_portable;
+}
+
+void q8_rows(const float *x, int64_t M, int64_t K, const int8_t *q, const float *d, int64_t n0, int64_t n1,
+             int64_t N, float *y) {
+  const Q8Dot dot8 = q8_dot();
+  const int64_t nb = K / kQ8Block;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot8(x + m * K, q + n * K, d + n * nb, nb);
+}
+}  // namespace
+}  // namespace msbnb
+
+MSBNB_EXPORT int MsbnbLinearQ8(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                               void *) {
+  if (nparam != 4) return dfail(1, "MsbnbLinearQ8 takes 3 inputs and 1 output, got %d", nparam);
+  if (!f32(dtypes[0]) || std::strcmp(dtypes[1], "int8") != 0 || !f32(dtypes[2]) || !f32(dtypes[3]))
+    return dfail(2, "MsbnbLinearQ8: x float32, q int8, d float32 expected");
+  if (ndims[0] < 1 || ndims[1] != 2 || ndims[2] != 2) return dfail(3, "MsbnbLinearQ8: q [N, K] and d [N, K/32]");
+  const int64_t K = shapes[0][ndims[0] - 1], M = count(ndims[0] - 1, shapes[0]), N = shapes[1][0];
+  if (K % kQ8Block || shapes[1][1] != K || shapes[2][0] != N || shapes[2][1] != K / kQ8Block)
+    return dfail(4, "MsbnbLinearQ8: K=%lld must be a multiple of 32 and match q [N, K], d [N, K/32]", (long long)K);
+  if (count(ndims[3], shapes[3]) != M * N) return dfail(5, "MsbnbLinearQ8: y has the wrong size");
+  const float *x = static_cast<const float *>(params[0]);
+  const int8_t *q = static_cast<const int8_t *>(params[1]);
+  const float *d = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  constexpr int64_t kChunk = 256;
+  const int64_t ntasks = (N + kChunk - 1) / kChunk;
+  auto task = [&](int64_t t) {
+    const int64_t lo = t * kChunk, hi = lo + kChunk < N ? lo + kChunk : N;
+    q8_rows(x, M, K, q, d, lo, hi, N, y);
+  };
+  if (N * K * (M > 0 ? M : 1) >= 65536)
     parallel_tasks(ntasks, [&](int64_t t) { task(t); });
   else
     for (int64_t t = 0; t < ntasks; ++t) task(t);
