@@ -264,25 +264,33 @@ class CachedDecoder(nn.Cell):
         return self.lm.head(h).reshape(b, -1)
 
 
-def lossless_q8(w: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.ndarray] | None:
+def lossless_q8(w: np.ndarray, block: int = 32, rows: int = 4096) -> tuple[np.ndarray, np.ndarray] | None:
     """``(q int8 [N, K], d float32 [N, K / block])`` with ``q * d == w`` exactly in float32 for every
     weight, or None when ``w`` [N, K] has no such form (it has one when it was stored as GGUF Q8_0, or
     is that storage's dequantized float32 twin: an fp16 scale times an int8 code is exact in float32).
-    Each block's scale is its largest magnitude / 127 (Q8_0's rule), which recovers the stored scale."""
+    Each block's scale is its largest magnitude / 127 (Q8_0's rule), which recovers the stored scale.
+    Checked ``rows`` rows at a time (bounded temporary memory; a float matrix fails on its first rows)."""
     w = np.asarray(w)
-    if w.dtype != np.float32 or w.ndim != 2 or w.shape[1] % block or not np.isfinite(w).all():
+    if w.dtype != np.float32 or w.ndim != 2 or w.shape[1] % block:
         return None
     n, k = w.shape
-    v = w.reshape(n, k // block, block)
-    d = (np.abs(v).max(axis=-1) / np.float32(127)).astype(np.float32)
-    q = v / np.where(d > 0, d, np.float32(1))[..., None]
-    qi = np.rint(q)
-    if not (np.abs(qi) <= 127).all() or not np.array_equal(qi, q):
-        return None
-    qi = qi.astype(np.int8)
-    if not np.array_equal(qi.astype(np.float32) * d[..., None], v):
-        return None
-    return qi.reshape(n, k), d
+    codes = np.empty((n, k), np.int8)
+    scales = np.empty((n, k // block), np.float32)
+    for r0 in range(0, n, rows):
+        v = w[r0 : r0 + rows].reshape(-1, k // block, block)
+        if not np.isfinite(v).all():
+            return None
+        d = (np.abs(v).max(axis=-1) / np.float32(127)).astype(np.float32)
+        q = v / np.where(d > 0, d, np.float32(1))[..., None]
+        qi = np.rint(q)
+        if not (np.abs(qi) <= 127).all() or not np.array_equal(qi, q):
+            return None
+        qi = qi.astype(np.int8)
+        if not np.array_equal(qi.astype(np.float32) * d[..., None], v):
+            return None
+        codes[r0 : r0 + rows] = qi.reshape(-1, k)
+        scales[r0 : r0 + rows] = d
+    return codes, scales
 
 
 def _check_head(quantized_head: str | None) -> str | None:
