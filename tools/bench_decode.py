@@ -2,7 +2,7 @@
 time goes.
 
     python tools/bench_decode.py [--models smollm2,llama08b] [--variants fp32,int8,...] [--prompt-len 64]
-                                 [--new 32] [--profile] [--json OUT]
+                                 [--new 32] [--paths lean,plain] [--repeats 3] [--profile] [--json OUT]
 
 Every (model, variant) runs in its own interpreter (clean peak RSS): build or load the network, quantize it
 with the pass where the variant asks, compile the prefill and decode graphs (one warm-up generate), reset
@@ -18,9 +18,15 @@ of ~0.85B parameters (16 layers, hidden 2048, SwiGLU 5632, 32/4 heads, vocabular
 Variants: fp32, int8 (weight-only), llm_int8 (threshold 6), nf4 (+ double quantization, blocksize 64),
 nf4_bf16 / nf4_int8 / int8_int8 (compute_dtype bfloat16 / int8), q4_1 (SmolLM2's GGUF as stored).
 
+``--paths``: which decode step to time, ``lean`` (the library's decode kernels and fused projections, what
+``generate`` uses by default) and/or ``plain`` (MindSpore ops only); with both, each process compiles both
+and runs ``--repeats`` timed ``generate`` calls per step interleaved, so that load from other jobs hits
+them alike (medians over all calls; ``same_tokens_as_first_path`` checks the tokens agree).
+
 ``--profile`` adds the per-component time of one decode step (T = 1, cache of 128 slots) of each model
 and variant: each component is compiled into a graph that applies it to every layer in turn, timed
-(median of 20 calls) minus an empty graph call, and divided by the layer count.
+(median of 20 calls) minus an empty graph call, and divided by the layer count (the lean step's components for ``lean``, the plain step's for
+``plain``).
 """
 
 from __future__ import annotations
