@@ -425,9 +425,8 @@ def _profile_lean(net) -> dict:
     }
     for name, (cell, args) in parts.items():
         res[name] = max(timed(cell, *args) - base, 0.0) / n * 1e6
-    res[f"head (once per step, {'tied float32' if net.tied else dec.head_kind})"] = (
-        max(timed(Head(), x) - base, 0.0) * 1e6
-    )
+    head = {"q8": "int8 codes x scales, lossless", "f32": "float32"}.get(dec.head_kind, dec.head_kind)
+    res[f"head (once per step, {head})"] = max(timed(Head(), x) - base, 0.0) * 1e6
     ids = Tensor(np.zeros((1, 1), np.int32))
     pos = Tensor(np.full((1, 1), 64, np.int32))
     step = timed(dec, ids, pos, Tensor(np.zeros((1, 1, s), np.float32)), slots)
