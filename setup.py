@@ -12,7 +12,9 @@ CSRC = "msbnb_pass/kernels/csrc"
 
 kernels = Extension(
     "msbnb_pass.kernels._msbnb_cpu",
-    sources=[f"{CSRC}/{name}.cc" for name in ("api", "threadpool", "impl_avx512", "impl_avx2", "impl_portable")],
+    sources=[
+        f"{CSRC}/{name}.cc" for name in ("api", "threadpool", "decode", "impl_avx512", "impl_avx2", "impl_portable")
+    ],
     depends=[f"{CSRC}/msbnb.h", f"{CSRC}/impl_common.inc", f"{CSRC}/quant_scalar.inc"],
     language="c++",
     extra_compile_args=[

@@ -34,6 +34,16 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compute-dtype", choices=("float32", "bfloat16", "int8"), default=None, help="4-bit/8-bit compute mode"
     )
+    p.add_argument(
+        "--int8-head",
+        action="store_true",
+        help="compute the logits with an int8 copy of the float head (faster, not exact; default: exact)",
+    )
+    p.add_argument(
+        "--plain-decode",
+        action="store_true",
+        help="decode with plain MindSpore ops instead of the library's decode kernels (for comparison)",
+    )
     p.add_argument("--no-warmup", action="store_true", help="do not compile the graphs before timing")
     p.set_defaults(func=_cmd_generate)
 
@@ -79,6 +89,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     ids = np.array([tok.encode(text).ids], np.int32)
     print(f"loaded {args.path} in {time.perf_counter() - t0:.1f} s; prompt: {ids.shape[1]} tokens", file=sys.stderr)
     kw = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    kw["quantized_head"] = "int8" if args.int8_head else None
+    kw["decode_kernels"] = False if args.plain_decode else None
     if not args.no_warmup:  # compile the prefill and decode graphs of these shapes (reused below)
         t = time.perf_counter()
         net.generate(ids, max_new_tokens=args.max_new_tokens, streamer=_stop_after(2), seed=args.seed, **kw)

@@ -2,7 +2,7 @@
 time goes.
 
     python tools/bench_decode.py [--models smollm2,llama08b] [--variants fp32,int8,...] [--prompt-len 64]
-                                 [--new 32] [--profile] [--json OUT]
+                                 [--new 32] [--paths lean,plain] [--repeats 3] [--profile] [--json OUT]
 
 Every (model, variant) runs in its own interpreter (clean peak RSS): build or load the network, quantize it
 with the pass where the variant asks, compile the prefill and decode graphs (one warm-up generate), reset
@@ -18,9 +18,15 @@ of ~0.85B parameters (16 layers, hidden 2048, SwiGLU 5632, 32/4 heads, vocabular
 Variants: fp32, int8 (weight-only), llm_int8 (threshold 6), nf4 (+ double quantization, blocksize 64),
 nf4_bf16 / nf4_int8 / int8_int8 (compute_dtype bfloat16 / int8), q4_1 (SmolLM2's GGUF as stored).
 
+``--paths``: which decode step to time, ``lean`` (the library's decode kernels and fused projections, what
+``generate`` uses by default) and/or ``plain`` (MindSpore ops only); with both, each process compiles both
+and runs ``--repeats`` timed ``generate`` calls per step interleaved, so that load from other jobs hits
+them alike (medians over all calls; ``same_tokens_as_first_path`` checks the tokens agree).
+
 ``--profile`` adds the per-component time of one decode step (T = 1, cache of 128 slots) of each model
 and variant: each component is compiled into a graph that applies it to every layer in turn, timed
-(median of 20 calls) minus an empty graph call, and divided by the layer count.
+(median of 20 calls) minus an empty graph call, and divided by the layer count (the lean step's components for ``lean``, the plain step's for
+``plain``).
 """
 
 from __future__ import annotations
@@ -112,7 +118,7 @@ def _param_bytes(net) -> int:
     return sum(p.asnumpy().nbytes for p in net.get_parameters())
 
 
-def _worker(model: str, variant: str, prompt_len: int, new: int, profile: bool) -> dict:
+def _worker(model: str, variant: str, prompt_len: int, new: int, profile: bool, paths: list[str], repeats: int) -> list:
     import gc
 
     import mindspore as ms
@@ -123,37 +129,60 @@ def _worker(model: str, variant: str, prompt_len: int, new: int, profile: bool) 
     t = time.perf_counter()
     net = _build(model, variant)
     if net is None:
-        return {"model": model, "variant": variant, "skipped": "no such file for this model"}
+        return [{"model": model, "variant": variant, "skipped": "no such file for this model"}]
     build_s = time.perf_counter() - t
     ids = np.random.default_rng(0).integers(3, net.config.vocab_size, (1, prompt_len)).astype(np.int32)
-    t = time.perf_counter()
-    net.generate(ids, max_new_tokens=new, eos_token_id=[])  # compiles both graphs
-    compile_s = time.perf_counter() - t
+    compile_s = {}
+    for path in paths:
+        t = time.perf_counter()
+        net.generate(ids, max_new_tokens=new, eos_token_id=[], decode_kernels=path == "lean")  # compiles both graphs
+        compile_s[path] = time.perf_counter() - t
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    stamps: list[float] = []
-    start = time.perf_counter()
-    net.generate(ids, max_new_tokens=new, eos_token_id=[], streamer=lambda tok: stamps.append(time.perf_counter()))
-    steps = np.diff(np.array(stamps))
-    ttft = stamps[0] - start
-    out = {
-        "model": model,
-        "variant": variant,
-        "prompt_len": prompt_len,
-        "new_tokens": new,
-        "build_s": round(build_s, 2),
-        "compile_and_first_run_s": round(compile_s, 2),
-        "ttft_ms": round(ttft * 1e3, 1),
-        "prefill_tok_s": round(prompt_len / ttft, 1),
-        "decode_ms_per_token": round(float(np.median(steps)) * 1e3, 2),
-        "decode_tok_s": round(1.0 / float(np.median(steps)), 1),
-        "peak_rss_mib": round(_vm("VmHWM:") / 2**20),
-        "param_mib": round(_param_bytes(net) / 2**20, 1),
-    }
-    if profile:
-        out["profile_us_per_layer"] = _profile(net)
-    return out
+    steps: dict[str, list[float]] = {p: [] for p in paths}
+    ttfts: dict[str, list[float]] = {p: [] for p in paths}
+    tokens: dict[str, list] = {}
+    for _ in range(repeats):  # the paths interleaved, so that load from other jobs hits them alike
+        for path in paths:
+            stamps: list[float] = []
+            start = time.perf_counter()
+            out_ids = net.generate(
+                ids,
+                max_new_tokens=new,
+                eos_token_id=[],
+                streamer=lambda tok, st=stamps: st.append(time.perf_counter()),
+                decode_kernels=path == "lean",
+            )
+            steps[path].extend(np.diff(np.array(stamps)).tolist())
+            ttfts[path].append(stamps[0] - start)
+            tokens[path] = out_ids[0, prompt_len:].tolist()
+    peak = round(_vm("VmHWM:") / 2**20)
+    results = []
+    for path in paths:
+        step = float(np.median(steps[path]))
+        ttft = float(np.median(ttfts[path]))
+        out = {
+            "model": model,
+            "variant": variant,
+            "path": path,
+            "prompt_len": prompt_len,
+            "new_tokens": new,
+            "repeats": repeats,
+            "build_s": round(build_s, 2),
+            "compile_and_first_run_s": round(compile_s[path], 2),
+            "ttft_ms": round(ttft * 1e3, 1),
+            "prefill_tok_s": round(prompt_len / ttft, 1),
+            "decode_ms_per_token": round(step * 1e3, 2),
+            "decode_tok_s": round(1.0 / step, 1),
+            "peak_rss_mib": peak,
+            "param_mib": round(_param_bytes(net) / 2**20, 1),
+            "same_tokens_as_first_path": tokens[path] == tokens[paths[0]],
+        }
+        if profile:
+            out["profile_us_per_layer"] = _profile_lean(net) if path == "lean" else _profile(net)
+        results.append(out)
+    return results
 
 
 def _profile(net) -> dict:
@@ -166,7 +195,7 @@ def _profile(net) -> dict:
     cfg = net.config
     n = int(cfg.num_hidden_layers)
     s = 128
-    dec = CachedDecoder(net, 1, s)
+    dec = CachedDecoder(net, 1, s, lean=False)
     layers = net.model.layers
     h, hd, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
 
@@ -256,6 +285,155 @@ def _profile(net) -> dict:
     return {k: round(v, 1) for k, v in res.items()}
 
 
+def _profile_lean(net) -> dict:
+    """Per-component time of one lean decode step (the decode kernels, fused projections)."""
+    import mindspore as ms
+    import numpy as np
+    from mindspore import Tensor, nn
+
+    from msbnb_pass.models.generation import CachedDecoder, _slots
+
+    cfg = net.config
+    n = int(cfg.num_hidden_layers)
+    s = 128
+    dec = CachedDecoder(net, 1, s, lean=True)
+    layers = net.model.layers
+    h, hd, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    inter = cfg.intermediate_size
+
+    class Empty(nn.Cell):
+        @ms.jit
+        def construct(self, x):
+            return x + 0
+
+    class Norms(nn.Cell):
+        @ms.jit
+        def construct(self, x):
+            for i in range(n):
+                x, a = dec.add_rms_op(x, x, layers[i].input_layernorm.weight, dec.eps_t)
+                x, a = dec.add_rms_op(a, x, layers[i].post_attention_layernorm.weight, dec.eps_t)
+            return x
+
+    # every output is returned (a tuple), so the compiler cannot drop the calls whose result is unused
+    class Qkv(nn.Cell):
+        @ms.jit
+        def construct(self, x):
+            ys = ()
+            for i in range(n):
+                at = layers[i].self_attn
+                ys = ys + (dec._project(dec.kind_qkv, (at.q_proj, at.k_proj, at.v_proj), x, 1),)
+            return ys
+
+    class OProj(nn.Cell):
+        @ms.jit
+        def construct(self, x):
+            for i in range(n):
+                x = dec._project(dec.kind_o, (layers[i].self_attn.o_proj,), x, 1)
+            return x
+
+    class GateUp(nn.Cell):
+        @ms.jit
+        def construct(self, x):
+            ys = ()
+            for i in range(n):
+                ys = ys + (dec._project(dec.kind_gate_up, (layers[i].mlp.gate_proj, layers[i].mlp.up_proj), x, 1),)
+            return ys
+
+    class SwiGlu(nn.Cell):
+        @ms.jit
+        def construct(self, gu):
+            ys = ()
+            for _ in range(n):
+                ys = ys + (dec.swiglu_op(gu),)
+            return ys
+
+    class Down(nn.Cell):
+        @ms.jit
+        def construct(self, x):
+            ys = ()
+            for i in range(n):
+                ys = ys + (dec._project(dec.kind_down, (layers[i].mlp.down_proj,), x, 1),)
+            return ys
+
+    class Rope(nn.Cell):
+        @ms.jit
+        def construct(self, qkv, cos, sin):
+            ys = ()
+            for _ in range(n):
+                ys = ys + dec.rope_op(qkv, cos, sin, dec.rope_meta)
+            return ys
+
+    class Write(nn.Cell):
+        @ms.jit
+        def construct(self, k, slots):
+            for i in range(n):
+                dec.scatter(dec.k_cache[i], slots, k)
+                dec.scatter(dec.v_cache[i], slots, k)
+            return k + 0
+
+    class Attend(nn.Cell):
+        @ms.jit
+        def construct(self, q, mask):
+            ys = ()
+            for i in range(n):
+                ys = ys + (dec.attention_op(q, dec.k_cache[i], dec.v_cache[i], mask, dec.scale_t),)
+            return ys
+
+    class Head(nn.Cell):
+        @ms.jit
+        def construct(self, x):
+            if dec.head_kind == "q8":
+                return dec.q8_op(x, dec.head_q8, dec.head_q8_scale)
+            if net.tied:
+                return dec.f32_1(x, net.model.embed_tokens.weight)
+            return dec._project(dec.head_kind, (net.lm_head,), x, 1)
+
+    def timed(cell, *args) -> float:
+        cell(*args)
+        ts = []
+        for _ in range(20):
+            t = time.perf_counter()
+            r = cell(*args)
+            (r[0] if isinstance(r, tuple) else r).asnumpy()
+            ts.append(time.perf_counter() - t)
+        return float(np.median(ts))
+
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((1, 1, h)).astype(np.float32))
+    xo = Tensor(rng.standard_normal((1, 1, nh * hd)).astype(np.float32))
+    xi = Tensor(rng.standard_normal((1, 1, inter)).astype(np.float32))
+    gu = Tensor(rng.standard_normal((1, 1, 2 * inter)).astype(np.float32))
+    qkv = Tensor(rng.standard_normal((1, 1, (nh + 2 * nkv) * hd)).astype(np.float32))
+    q = Tensor(rng.standard_normal((1, nh, 1, hd)).astype(np.float32))
+    k = Tensor(rng.standard_normal((1, nkv, 1, hd)).astype(np.float32))
+    cos = Tensor(np.ones((1, 1, hd), np.float32))
+    sin = Tensor(np.zeros((1, 1, hd), np.float32))
+    mask = Tensor(np.zeros((1, 1, s), np.float32))
+    slots = Tensor(_slots(1, nkv, 64, 1))
+    base = timed(Empty(), x)
+    res = {"empty graph call (once per step)": base * 1e6}
+    parts = {
+        "2 RMSNorm with the residual adds (2 kernels)": (Norms(), (x,)),
+        f"q/k/v projection ({dec.kind_qkv}: one call)": (Qkv(), (x,)),
+        "RoPE + split into heads (1 kernel)": (Rope(), (qkv, cos, sin)),
+        "KV write (2 ScatterNdUpdate)": (Write(), (k, slots)),
+        "attention over 128 slots (1 kernel)": (Attend(), (q, mask)),
+        f"o projection ({dec.kind_o})": (OProj(), (xo,)),
+        f"gate/up projection ({dec.kind_gate_up}: one call)": (GateUp(), (x,)),
+        "SwiGLU (1 kernel)": (SwiGlu(), (gu,)),
+        f"down projection ({dec.kind_down})": (Down(), (xi,)),
+    }
+    for name, (cell, args) in parts.items():
+        res[name] = max(timed(cell, *args) - base, 0.0) / n * 1e6
+    head = {"q8": "int8 codes x scales, lossless", "f32": "float32"}.get(dec.head_kind, dec.head_kind)
+    res[f"head (once per step, {head})"] = max(timed(Head(), x) - base, 0.0) * 1e6
+    ids = Tensor(np.zeros((1, 1), np.int32))
+    pos = Tensor(np.full((1, 1), 64, np.int32))
+    step = timed(dec, ids, pos, Tensor(np.zeros((1, 1, s), np.float32)), slots)
+    res["whole decode step (ms)"] = step * 1e3
+    return {k: round(v, 1) for k, v in res.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="smollm2,llama08b")
@@ -263,11 +441,22 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument(
+        "--paths",
+        default="lean",
+        help="decode steps to time, comma-separated, interleaved in one process: lean (the decode kernels, the "
+        "default of generate) and/or plain (MindSpore ops only)",
+    )
+    ap.add_argument("--repeats", type=int, default=1, help="timed generate calls per path (interleaved)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    paths = args.paths.split(",")
+    if any(p not in ("lean", "plain") for p in paths) or args.repeats < 1:
+        raise SystemExit(f"--paths takes lean and/or plain, --repeats >= 1; got {args.paths!r}, {args.repeats}")
     if args.worker:
-        print("RESULT " + json.dumps(_worker(*args.worker, args.prompt_len, args.new, args.profile)), flush=True)
+        res = _worker(*args.worker, args.prompt_len, args.new, args.profile, paths, args.repeats)
+        print("RESULT " + json.dumps(res), flush=True)
         return 0
     env = dict(os.environ, GLOG_v="3", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     results = []
@@ -278,15 +467,16 @@ def main(argv=None) -> int:
             if variant == "q4_1" and model != "smollm2":
                 continue
             cmd = [sys.executable, __file__, "--worker", model, variant, "--prompt-len", str(args.prompt_len)]
-            cmd += ["--new", str(args.new)] + (["--profile"] if args.profile else [])
+            cmd += ["--new", str(args.new), "--paths", args.paths, "--repeats", str(args.repeats)]
+            cmd += ["--profile"] if args.profile else []
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not line:
                 print(f"{model} {variant}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
                 continue
-            r = json.loads(line[0][7:])
-            results.append(r)
-            print(json.dumps(r), flush=True)
+            for r in json.loads(line[0][7:]):
+                results.append(r)
+                print(json.dumps(r), flush=True)
     _table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -295,21 +485,23 @@ def main(argv=None) -> int:
 
 def _table(results: list[dict]) -> None:
     print(
-        "\n| model | variant | prefill tok/s | TTFT ms | decode tok/s | x fp32 decode | params MiB | x fp32 | peak RSS MiB |"
+        "\n| model | variant | path | prefill tok/s | TTFT ms | decode tok/s | x fp32 decode | params MiB | x fp32 "
+        "| peak RSS MiB |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    fp32 = {r["model"]: r for r in results if r["variant"] == "fp32"}
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    results = [r for r in results if "skipped" not in r]
+    fp32 = {(r["model"], r.get("path")): r for r in results if r["variant"] == "fp32"}
     for r in results:
-        base = fp32.get(r["model"])
+        base = fp32.get((r["model"], r.get("path")))
         dx = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}" if base else "-"
         mx = f"{r['param_mib'] / base['param_mib']:.2f}" if base else "-"
         print(
-            f"| {r['model']} | {r['variant']} | {r['prefill_tok_s']} | {r['ttft_ms']} | {r['decode_tok_s']} | {dx} "
-            f"| {r['param_mib']} | {mx} | {r['peak_rss_mib']} |"
+            f"| {r['model']} | {r['variant']} | {r.get('path', '-')} | {r['prefill_tok_s']} | {r['ttft_ms']} "
+            f"| {r['decode_tok_s']} | {dx} | {r['param_mib']} | {mx} | {r['peak_rss_mib']} |"
         )
     for r in results:
         if "profile_us_per_layer" in r:
-            print(f"\nprofile {r['model']} {r['variant']} (us per layer unless noted):")
+            print(f"\nprofile {r['model']} {r['variant']} {r.get('path', '')} (us per layer unless noted):")
             for k, v in r["profile_us_per_layer"].items():
                 print(f"  {k}: {v}")
 

@@ -26,6 +26,8 @@ import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from ..errors import MsbnbError
+from ..kernels import decode_ops, get_backend
+from ..nn import Linear4bit, Linear8bit
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +50,22 @@ class CachedDecoder(nn.Cell):
     mask [B,T,S] additive, slots [B,KV,T,3]) -> logits of the last position [B, vocab]``.
 
     It holds no weights of its own: it calls the network's cells (embedding, norms, projections, MLP,
-    head), and owns only the caches (``k_cache.i`` / ``v_cache.i``, ``[B, kv_heads, S, head_dim]``)."""
+    head), and owns only the caches (``k_cache.i`` / ``v_cache.i``, ``[B, kv_heads, S, head_dim]``).
 
-    def __init__(self, lm: nn.Cell, batch: int, max_len: int):
+    ``lean`` (default: when the C++ kernel backend is in use) computes a step with 11 ops per layer
+    instead of about 50: RMSNorm fused with the residual add before it, RoPE fused with the split of the
+    q/k/v output into heads, attention over the cache (grouped-query heads read their key/value head in
+    place, masked slots skipped), SwiGLU, each one aot kernel (``msbnb_pass.kernels.decode_ops``); the
+    q/k/v and the gate/up projections each one kernel call reading the layers' own weights (4-bit layers:
+    bit-identical to calling them one by one; float32 layers at T = 1: one float32 kernel). A float32
+    head (tied embedding or ``lm_head``) whose weights are int8 codes times one scale per 32 without loss
+    (a GGUF Q8_0 embedding, or its dequantized twin: see :func:`lossless_q8`) is streamed in that form, a
+    quarter of the bytes, decoded exactly in the kernel (a decode-time copy of ~1.1 bytes per weight);
+    any other float32 head by the float32 kernel. Otherwise every step is plain MindSpore ops."""
+
+    def __init__(
+        self, lm: nn.Cell, batch: int, max_len: int, lean: bool | None = None, quantized_head: str | None = None
+    ):
         super().__init__()
         cfg = lm.config
         self.lm = lm
@@ -79,6 +94,115 @@ class CachedDecoder(nn.Cell):
         self.scatter = ops.ScatterNdUpdate()
         self.scores_mm = ops.BatchMatMul(transpose_b=True)
         self.probs_mm = ops.BatchMatMul()
+        if lean is None:
+            lean = decode_ops.available() and get_backend() == "cpu"
+        if lean and not decode_ops.available():
+            raise GenerationError("decode_kernels=True needs the msbnb_pass kernel library, which is not available")
+        self.lean = bool(lean)
+        if self.lean:
+            self._plan_lean(lm)
+        self.quantized_head = _check_head(quantized_head)
+        if quantized_head is not None:
+            self.head_q = _int8_head(lm)
+
+    # ---- the lean step: one aot kernel per norm, RoPE, attention and SwiGLU, fused projections -----------------
+    def _plan_lean(self, lm: nn.Cell) -> None:
+        """Decide, for each group of projections that read the same input, how the lean step computes it:
+        "w4" (one fused 4-bit kernel call for the whole group), "f32" (one float32 kernel call over the
+        group's weights, T = 1 only) or "cells" (each layer's own cell, outputs concatenated). The weights
+        are not copied: the kernels read the layers' own parameters, so the network (and what
+        ``save_pretrained`` writes) keeps one tensor per projection."""
+        layers = lm.model.layers
+        groups = {
+            "qkv": [(ly.self_attn.q_proj, ly.self_attn.k_proj, ly.self_attn.v_proj) for ly in layers],
+            "o": [(ly.self_attn.o_proj,) for ly in layers],
+            "gate_up": [(ly.mlp.gate_proj, ly.mlp.up_proj) for ly in layers],
+            "down": [(ly.mlp.down_proj,) for ly in layers],
+        }
+        kinds = {name: _group_kind(cells) for name, cells in groups.items()}
+        self.kind_qkv, self.kind_o, self.kind_gate_up, self.kind_down = (kinds[k] for k in groups)
+        self.head_kind = _group_kind([(lm.lm_head,)]) if not lm.tied else "f32"
+        if self.head_kind == "f32":
+            head = lm.model.embed_tokens.weight if lm.tied else lm.lm_head.weight
+            q8 = lossless_q8(head.asnumpy())
+            if q8 is not None:  # the same float32 weights in a quarter of the bytes: exact, and faster
+                self.head_kind = "q8"
+                self.head_q8 = Parameter(Tensor(q8[0]), name="head_q8.codes", requires_grad=False)
+                self.head_q8_scale = Parameter(Tensor(q8[1]), name="head_q8.scales", requires_grad=False)
+                self.q8_op = decode_ops.linear_q8()
+        self.rope_op = decode_ops.rope_split(self.n_heads, self.n_kv)
+        self.rope_meta = Tensor(np.array([self.n_heads, self.n_kv], np.int64))
+        self.attention_op = decode_ops.cache_attention()
+        self.scale_t = Tensor(np.array([self.scale], np.float32))
+        self.rms_op = decode_ops.rms_norm()
+        self.add_rms_op = decode_ops.add_rms_norm()
+        self.swiglu_op = decode_ops.swiglu()
+        self.eps_t = Tensor(np.array([float(lm.config.rms_norm_eps)], np.float32))
+        self.f32_1, self.f32_2, self.f32_3 = (decode_ops.linear_f32(n) for n in (1, 2, 3))
+        self.w4_1, self.w4_2, self.w4_3 = (decode_ops.linear4bit_multi(n) for n in (1, 2, 3))
+        logger.debug("lean decode step: projections %s, head %s", kinds, self.head_kind)
+
+    def _project(self, kind: str, cells, x, t: int):
+        """The projections ``cells`` of x, concatenated along the last axis."""
+        n = len(cells)
+        if kind == "w4":
+            args = ()
+            for c in cells:
+                args = args + _w4_args(c)
+            if n == 1:
+                return self.w4_1(x, *args)
+            if n == 2:
+                return self.w4_2(x, *args)
+            return self.w4_3(x, *args)
+        if kind == "f32" and t == 1:
+            weights = ()
+            for c in cells:
+                weights = weights + (c.weight,)
+            if n == 1:
+                return self.f32_1(x, *weights)
+            if n == 2:
+                return self.f32_2(x, *weights)
+            return self.f32_3(x, *weights)
+        if n == 1:
+            return cells[0](x)
+        outs = ()
+        for c in cells:
+            outs = outs + (c(x),)
+        return ops.concat(outs, -1)
+
+    def _lean_step(self, ids, positions, mask, slots):
+        b, t = ids.shape
+        model = self.lm.model
+        x = model.embed_tokens(ids)
+        cos = ops.gather(model.cos_table, positions, 0)
+        sin = ops.gather(model.sin_table, positions, 0)
+        layers = model.layers
+        a = self.rms_op(x, layers[0].input_layernorm.weight, self.eps_t)
+        for i in range(self.n_layers):
+            layer = layers[i]
+            attn = layer.self_attn
+            qkv = self._project(self.kind_qkv, (attn.q_proj, attn.k_proj, attn.v_proj), a, t)
+            q, k, v = self.rope_op(qkv, cos, sin, self.rope_meta)
+            self.scatter(self.k_cache[i], slots, k)
+            self.scatter(self.v_cache[i], slots, v)
+            o = self.attention_op(q, self.k_cache[i], self.v_cache[i], mask, self.scale_t)
+            h = self._project(self.kind_o, (attn.o_proj,), o, t)
+            x, a = self.add_rms_op(x, h, layer.post_attention_layernorm.weight, self.eps_t)
+            mlp = layer.mlp
+            gu = self._project(self.kind_gate_up, (mlp.gate_proj, mlp.up_proj), a, t)
+            h = self._project(self.kind_down, (mlp.down_proj,), self.swiglu_op(gu), t)
+            norm = model.norm.weight if i == self.n_layers - 1 else layers[i + 1].input_layernorm.weight
+            x, a = self.add_rms_op(x, h, norm, self.eps_t)
+        last = a[:, t - 1 :, :]
+        if self.quantized_head is not None:
+            logits = self.head_q(last)
+        elif self.head_kind == "q8":
+            logits = self.q8_op(last, self.head_q8, self.head_q8_scale)
+        elif self.lm.tied:
+            logits = self.f32_1(last, model.embed_tokens.weight)
+        else:
+            logits = self._project(self.head_kind, (self.lm.lm_head,), last, 1)
+        return logits.reshape(b, -1)
 
     def rope(self, q, k, cos, sin):
         """RoPE of q ``[B, heads, T, D]`` and k ``[B, kv_heads, T, D]`` (rotate-half layout)."""
@@ -119,6 +243,8 @@ class CachedDecoder(nn.Cell):
 
     @ms.jit
     def construct(self, ids, positions, mask, slots):
+        if self.lean:
+            return self._lean_step(ids, positions, mask, slots)
         b, t = ids.shape
         model = self.lm.model
         x = model.embed_tokens(ids)
@@ -133,7 +259,110 @@ class CachedDecoder(nn.Cell):
             x = x + h
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         h = model.norm(x[:, t - 1 :, :])
+        if self.quantized_head is not None:
+            return self.head_q(h).reshape(b, -1)
         return self.lm.head(h).reshape(b, -1)
+
+
+def lossless_q8(w: np.ndarray, block: int = 32, rows: int = 4096) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(q int8 [N, K], d float32 [N, K / block])`` with ``q * d == w`` exactly in float32 for every
+    weight, or None when ``w`` [N, K] has no such form (it has one when it was stored as GGUF Q8_0, or
+    is that storage's dequantized float32 twin: an fp16 scale times an int8 code is exact in float32).
+    Each block's scale is its largest magnitude / 127 (Q8_0's rule), which recovers the stored scale.
+    Checked ``rows`` rows at a time (bounded temporary memory; a float matrix fails on its first rows)."""
+    w = np.asarray(w)
+    if w.dtype != np.float32 or w.ndim != 2 or w.shape[1] % block:
+        return None
+    n, k = w.shape
+    codes = np.empty((n, k), np.int8)
+    scales = np.empty((n, k // block), np.float32)
+    for r0 in range(0, n, rows):
+        v = w[r0 : r0 + rows].reshape(-1, k // block, block)
+        if not np.isfinite(v).all():
+            return None
+        d = (np.abs(v).max(axis=-1) / np.float32(127)).astype(np.float32)
+        q = v / np.where(d > 0, d, np.float32(1))[..., None]
+        qi = np.rint(q)
+        if not (np.abs(qi) <= 127).all() or not np.array_equal(qi, q):
+            return None
+        qi = qi.astype(np.int8)
+        if not np.array_equal(qi.astype(np.float32) * d[..., None], v):
+            return None
+        codes[r0 : r0 + rows] = qi.reshape(-1, k)
+        scales[r0 : r0 + rows] = d
+    return codes, scales
+
+
+def _check_head(quantized_head: str | None) -> str | None:
+    if quantized_head not in (None, "int8"):
+        raise GenerationError(f"quantized_head must be None (the exact head) or 'int8', got {quantized_head!r}")
+    return quantized_head
+
+
+def _int8_head(lm: nn.Cell) -> nn.Cell:
+    """An int8 copy (bitsandbytes' row-wise absmax format) of the float32 output head, for the opt-in
+    ``quantized_head='int8'``: the network keeps its float head (and the tied embedding)."""
+    if lm.tied:
+        w = lm.model.embed_tokens.weight
+    elif type(lm.lm_head) is nn.Dense and not lm.lm_head.has_bias:
+        w = lm.lm_head.weight
+    else:
+        raise GenerationError(
+            f"quantized_head='int8' needs a float head without bias (a tied embedding or an nn.Dense lm_head), "
+            f"got {type(lm.lm_head).__name__}"
+        )
+    w = w.asnumpy().astype(np.float32)
+    head = Linear8bit(w.shape[1], w.shape[0], bias=False, has_fp16_weights=False, weight=w, layer_name="lm_head")
+    head.name_parameters("head_int8.")
+    return head
+
+
+def _w4_args(cell):
+    """The tensors the fused 4-bit kernel takes for one Linear4bit layer, in its order."""
+    return (
+        cell.weight,
+        cell.weight_absmax,
+        cell.weight_quant_map,
+        cell.weight_nested_absmax,
+        cell.weight_nested_quant_map,
+        cell.weight_nested_offset,
+        cell.weight_block_offset,
+        cell._bias(),
+        cell.kernel.meta,
+    )
+
+
+def _is_w4(cell: nn.Cell) -> bool:
+    """A Linear4bit the fused multi-projection kernel computes exactly as the layer itself does: the C++
+    backend, float32 compute and input, no activation."""
+    return (
+        type(cell) is Linear4bit  # not a subclass, which may compute more (adapters) in its construct
+        and type(cell.kernel).__name__ == "FusedLinear4bit"
+        and cell.compute_dtype_name == "float32"  # (a float32 input is passed through unchanged)
+        and not cell.activation_flag
+    )
+
+
+def _is_f32(cell: nn.Cell) -> bool:
+    """A float32 ``nn.Dense`` without bias or activation (what the float32 kernel computes)."""
+    return (
+        type(cell) is nn.Dense
+        and not cell.has_bias
+        and not cell.activation_flag
+        and cell.weight.dtype == ms.float32
+        and len(cell.weight.shape) == 2
+    )
+
+
+def _group_kind(groups: Sequence[tuple[nn.Cell, ...]]) -> str:
+    """ "w4" / "f32" when every cell of every group qualifies (and the groups' in_features agree), else
+    "cells"."""
+    cells = [c for g in groups for c in g]
+    if all(_is_w4(c) for c in cells):
+        return "w4"
+    if all(_is_f32(c) for c in cells):
+        return "f32"
+    return "cells"
 
 
 def _as_ids(input_ids: Any) -> np.ndarray:
@@ -222,20 +451,29 @@ def sample_next(
     return out
 
 
-def _decoder(lm: nn.Cell, batch: int, max_len: int) -> CachedDecoder:
-    """The cached decoder for (batch, max_len), reused across calls (and so its compiled graphs) while the
-    network keeps the same cells; a rewritten network (the pass, dequantize_model) gets a new one."""
+def _decoder(
+    lm: nn.Cell, batch: int, max_len: int, lean: bool | None = None, quantized_head: str | None = None
+) -> CachedDecoder:
+    """The cached decoder for (batch, max_len, lean), reused across calls (and so its compiled graphs) while
+    the network keeps the same cells; a rewritten network (the pass, dequantize_model) gets a new one. At
+    most one decoder per kind of step (lean or plain) is kept."""
     cells = [c for _, c in lm.cells_and_names()]
     holder = lm.__dict__.setdefault("_generation_decoder", [])  # a plain list: not a child cell of the network
     if holder:
-        dec, seen = holder[0]
-        same = len(seen) == len(cells) and all(a is b for a, b in zip(seen, cells, strict=True))
-        if same and (dec.batch, dec.max_len) == (batch, max_len):
+        seen = holder[0][1]
+        if not (len(seen) == len(cells) and all(a is b for a, b in zip(seen, cells, strict=True))):
+            holder.clear()
+    want = (decode_ops.available() and get_backend() == "cpu") if lean is None else bool(lean)
+    for i, (dec, _) in enumerate(holder):
+        if dec.lean != want or dec.quantized_head != quantized_head:
+            continue
+        if (dec.batch, dec.max_len) == (batch, max_len):
             for p in list(dec.k_cache) + list(dec.v_cache):
                 p.set_data(Tensor(np.zeros(p.shape, np.float32)))
             return dec
-    holder.clear()
-    dec = CachedDecoder(lm, batch, max_len)
+        del holder[i]
+        break
+    dec = CachedDecoder(lm, batch, max_len, want, quantized_head)
     holder.append((dec, cells))  # the cells themselves (not ids, which a freed cell's successor could reuse)
     return dec
 
@@ -261,6 +499,8 @@ def generate(
     seed: int | None = None,
     pad_token_id: int | None = None,
     streamer: Callable[[np.ndarray], bool | None] | None = None,
+    decode_kernels: bool | None = None,
+    quantized_head: str | None = None,
 ) -> np.ndarray:
     """Generate up to ``max_new_tokens`` tokens after each prompt with a KV cache.
 
@@ -276,6 +516,13 @@ def generate(
         seed: seed of the sampling generator (numpy PCG64): the same seed gives the same tokens.
         streamer: called with the new tokens ``[batch]`` (int64) after each step; returning True stops
             generation there (the tokens so far are returned).
+        decode_kernels: compute each step with the library's decode kernels (one aot kernel per RMSNorm,
+            RoPE, attention and SwiGLU; q/k/v and gate/up projections fused into one kernel call each; see
+            :class:`CachedDecoder`). Default: when the C++ kernel backend is in use. False: plain
+            MindSpore ops (the reference the lean step is tested against).
+        quantized_head: None (default): the exact float32 head. "int8" (opt-in, not exact): an int8
+            row-wise copy of the float head (tied embedding or float ``lm_head``), streamed at a quarter
+            of the bytes per token; greedy tokens may differ from the float head's at near-ties.
 
     Returns the ids ``[batch, length + generated]`` (int64), prompts included.
     Raises :class:`GenerationError` (a ``MsbnbError``/``ValueError``) for unusable arguments.
@@ -304,7 +551,7 @@ def generate(
             f"(max_seq_len / max_position_embeddings)"
         )
     s = min(limit, -(-needed // _SLOT_ROUND) * _SLOT_ROUND)
-    dec = _decoder(lm, b, s)
+    dec = _decoder(lm, b, s, decode_kernels, _check_head(quantized_head))
     n_kv = dec.n_kv
     rng = np.random.default_rng(seed) if do_sample else None
 

@@ -18,6 +18,8 @@ import mindspore as ms
 import numpy as np
 import pytest
 
+from msbnb_pass.io.transformers_io import open_safetensors
+from msbnb_pass.kernels import decode_ops
 from msbnb_pass.models import LlamaConfig, LlamaForCausalLM
 from msbnb_pass.models.generation import GenerationError, apply_chat_template
 
@@ -89,6 +91,71 @@ def test_greedy_with_cache_through_the_pass_nf4(ms_cpu, graph_mode):
     prompt = [5, 17, 33, 2, 90]
     out = net.generate([prompt], max_new_tokens=8)
     assert out[0].tolist() == greedy_without_cache(net, prompt, 8)
+
+
+def _decoders(net) -> dict:
+    return {dec.lean: dec for dec, _ in net.__dict__.get("_generation_decoder", [])}
+
+
+def test_lean_step_fuses_the_projections_and_gives_the_plain_steps_tokens(ms_cpu, graph_mode, tmp_path):
+    """The lean step (decode kernels, one call for q/k/v and one for gate/up) against the plain MindSpore
+    step: same greedy tokens for a left-padded batch, float and NF4; the network and what save_pretrained
+    writes are untouched by it (one tensor per projection, the same bytes)."""
+    import msbnb_pass as mb
+
+    if not decode_ops.available():
+        pytest.skip("kernel library not built")
+    ids = np.array([[0, 0, 7, 8, 9], [11, 12, 13, 14, 15]], np.int32)
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], np.int32)
+    float_net = LlamaForCausalLM(LlamaConfig(**TINY))
+    nf4_net = mb.quantize(
+        LlamaForCausalLM(LlamaConfig(**TINY)), mb.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    ).net
+    mb.save_pretrained(nf4_net, tmp_path / "before")
+    for net, kind in ((float_net, "f32"), (nf4_net, "w4")):
+        lean = net.generate(ids, attention_mask=mask, max_new_tokens=10, decode_kernels=True)
+        plain = net.generate(ids, attention_mask=mask, max_new_tokens=10, decode_kernels=False)
+        assert lean.tolist() == plain.tolist()
+        decs = _decoders(net)
+        assert sorted(decs) == [False, True]  # both kept: a second call reuses their graphs
+        assert (decs[True].kind_qkv, decs[True].kind_gate_up, decs[True].kind_o) == (kind, kind, kind)
+        assert net.generate(ids, attention_mask=mask, max_new_tokens=10).tolist() == lean.tolist()  # the default
+    mb.save_pretrained(nf4_net, tmp_path / "after")
+    before = (tmp_path / "before" / "model.safetensors").read_bytes()
+    assert before == (tmp_path / "after" / "model.safetensors").read_bytes()
+    store, _ = open_safetensors(tmp_path / "after")
+    for path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+        assert f"model.layers.1.{path}.weight" in store  # one tensor per projection, as loaded
+
+
+def test_lean_step_runs_separate_cells_it_cannot_fuse(ms_cpu, graph_mode):
+    """int8 layers (no fused kernel) run one by one inside the lean step: still the plain step's tokens."""
+    import msbnb_pass as mb
+
+    if not decode_ops.available():
+        pytest.skip("kernel library not built")
+    net = mb.quantize(LlamaForCausalLM(LlamaConfig(**TINY)), mb.BitsAndBytesConfig(load_in_8bit=True)).net
+    prompt = [[5, 17, 33, 2, 90]]
+    lean = net.generate(prompt, max_new_tokens=8, decode_kernels=True)
+    assert _decoders(net)[True].kind_qkv == "cells"
+    assert lean.tolist() == net.generate(prompt, max_new_tokens=8, decode_kernels=False).tolist()
+
+
+def test_opt_in_int8_head(tiny, graph_mode):
+    """quantized_head='int8' computes the logits with an int8 row-wise copy of the float head (the network
+    keeps its float32 head); the tiny model's logits are far from ties, so greedy tokens agree."""
+    from msbnb_pass import formats
+
+    prompt = [[3, 1, 4, 1, 5]]
+    exact = tiny.generate(prompt, max_new_tokens=8)
+    assert tiny.generate(prompt, max_new_tokens=8, quantized_head="int8").tolist() == exact.tolist()
+    dec = next(d for d, _ in tiny.__dict__["_generation_decoder"] if d.quantized_head == "int8")
+    head = tiny.model.embed_tokens.weight if tiny.tied else tiny.lm_head.weight
+    cb, scb = formats.int8_vectorwise_quant(head.asnumpy())
+    assert np.array_equal(dec.head_q.weight.asnumpy(), cb)
+    assert head.dtype == ms.float32  # the network's own head is untouched
+    with pytest.raises(GenerationError, match="quantized_head must be None .* or 'int8', got 'int4'"):
+        tiny.generate(prompt, quantized_head="int4")
 
 
 def test_seeded_sampling_is_reproducible(tiny, graph_mode):

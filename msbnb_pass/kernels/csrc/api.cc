@@ -256,6 +256,50 @@ MSBNB_EXPORT std::vector<int64_t> MsbnbLinear4bitInferShape(int *ndims, int64_t 
   return replace_last(ndims[0], shapes[0], shapes[8][0]);
 }
 
+// Several 4-bit projections of the same input in one call (fused q/k/v, gate/up): y[..., sum N_i] is the
+// concatenation of each projection's output, every one computed exactly as MsbnbLinear4bit computes it.
+// inputs: x, then per projection: packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset,
+// block_offset, bias [N_i], meta (1 + 9 g inputs), output y
+MSBNB_EXPORT int MsbnbLinear4bitMulti(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                      void *, void *) {
+  const int g = (nparam - 2) / 9;
+  if (g < 1 || g > 8 || nparam != 2 + 9 * g)
+    return fail(1, "MsbnbLinear4bitMulti takes x, 9 tensors per projection (1 to 8) and 1 output, got %d", nparam);
+  const int X = 0, Y = nparam - 1;
+  if (!is(dtypes[X], "float32") || !is(dtypes[Y], "float32")) return fail(2, "x and y must be float32");
+  W4 ws[8];
+  int64_t flags[8], starts[9], total = 0;
+  for (int i = 0; i < g; ++i) {
+    const int first = 1 + 9 * i, BIAS = first + 7, META = first + 8;
+    if (!is(dtypes[BIAS], "float32") || ndims[BIAS] != 1) return fail(2, "bias %d must be float32 [N]", i);
+    if (int rc = parse_w4(params, ndims, shapes, dtypes, first, META, shapes[BIAS][0], &ws[i], &flags[i])) return rc;
+    if (flags[i] & (8 | 16)) return fail(16, "MsbnbLinear4bitMulti computes in float32 only");
+    if (ws[i].K != ws[0].K) return fail(14, "projection %d has in_features %lld, not %lld", i, (long long)ws[i].K,
+                                        (long long)ws[0].K);
+    starts[i] = total;
+    total += ws[i].N;
+  }
+  starts[g] = total;
+  const int64_t M = rows_of(ndims[X], shapes[X], ws[0].K);
+  if (M < 0) return fail(14, "x's last dimension does not equal in_features=%lld", (long long)ws[0].K);
+  if (numel(ndims[Y], shapes[Y]) != M * total) return fail(15, "y must hold %lld x %lld values", (long long)M,
+                                                         (long long)total);
+  const float *x = static_cast<const float *>(params[X]);
+  float *y = static_cast<float *>(params[Y]);
+  for (int i = 0; i < g; ++i) {
+    const float *bias = (flags[i] & 4) ? static_cast<const float *>(params[1 + 9 * i + 7]) : nullptr;
+    const int64_t n = ws[i].N;
+    if (M == 1) {  // one row: the projection's output is a contiguous slice of y
+      table().linear4bit(x, 1, ws[i], bias, y + starts[i]);
+      continue;
+    }
+    float *tmp = static_cast<float *>(scratch(5, sizeof(float) * (size_t)(M * n > 0 ? M * n : 1)));
+    table().linear4bit(x, M, ws[i], bias, tmp);
+    for (int64_t m = 0; m < M; ++m) std::memcpy(y + m * total + starts[i], tmp + m * n, sizeof(float) * n);
+  }
+  return 0;
+}
+
 // dx[..., K] = dy[..., N] @ dequant(W4)
 // inputs: dy, packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, block_offset, meta, x
 MSBNB_EXPORT int MsbnbLinear4bitDx(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,

@@ -1,0 +1,404 @@
+// Kernels of the lean decode step (msbnb_pass.models.generation): RMSNorm (with the residual add),
+// RoPE fused with the split of a fused q/k/v projection into heads, attention over the KV cache with
+// grouped-query heads, SiLU(gate) * up, and a float32 matmul that streams one or more weights [N, K]
+// (the fused q/k/v or gate/up projections of a float model, and the float32 output head).
+//
+// Why: inside a compiled MindSpore graph every op costs 15-100 us of launch overhead on the CPU backend,
+// which at SmolLM2's size dwarfs the arithmetic. Each kernel here replaces 2-20 MindSpore ops.
+//
+// Everything is float32 with a fixed summation order (independent of the thread count): the same
+// inputs always give the same bits. Compiled once with the baseline flags (no ISA dispatch): the loops
+// keep 16 independent partial sums so that the compiler vectorises them without reassociating (the
+// library is built with -ffp-contract=off and without fast-math), and these kernels are bound by launch
+// overhead or by memory bandwidth, not by arithmetic.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "msbnb.h"
+
+#define MSBNB_EXPORT extern "C" __attribute__((visibility("default")))
+
+extern "C" const char *msbnb_isa();  // api.cc
+
+namespace msbnb {
+namespace {
+
+char g_decode_error[512] = "";
+
+int dfail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int dfail(int code, const char *fmt, ...) {
+  va_list args;
+  va_start(args, fmt);
+  std::vsnprintf(g_decode_error, sizeof(g_decode_error), fmt, args);
+  va_end(args);
+  return code;
+}
+
+int64_t count(int nd, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < nd; ++i) n *= shape[i];
+  return n;
+}
+bool f32(const char *dtype) { return std::strcmp(dtype, "float32") == 0; }
+
+constexpr int kLanes = 16;
+
+// sum_i a[i] * b[i] in float32: 16 lane sums, then a fixed pairwise reduction
+inline float dot(const float *a, const float *b, int64_t n) {
+  float acc[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
+  for (int j = 0; i < n; ++i, ++j) acc[j] += a[i] * b[i];
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return acc[0];
+}
+
+// y = x / sqrt(mean(x^2) + eps) * w for one row; the mean is summed in float64 (exact enough to round once)
+inline void rms_row(const float *x, const float *w, int64_t h, float eps, float *y) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < h; ++i) ss += (double)x[i] * (double)x[i];
+  const float var = (float)(ss / (double)h);
+  const float r = (float)(1.0 / std::sqrt((double)var + (double)eps));
+  for (int64_t i = 0; i < h; ++i) y[i] = (x[i] * r) * w[i];
+}
+
+}  // namespace
+}  // namespace msbnb
+
+using namespace msbnb;
+
+MSBNB_EXPORT const char *msbnb_decode_last_error() { return g_decode_error; }
+
+// RMSNorm.  inputs: x [..., H], weight [H], eps float32 [1]; output y like x
+MSBNB_EXPORT int MsbnbRmsNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                              void *) {
+  if (nparam != 4) return dfail(1, "MsbnbRmsNorm takes 3 inputs and 1 output, got %d", nparam);
+  if (!f32(dtypes[0]) || !f32(dtypes[1]) || !f32(dtypes[2]) || !f32(dtypes[3]))
+    return dfail(2, "MsbnbRmsNorm: every tensor must be float32");
+  if (ndims[0] < 1 || ndims[1] != 1) return dfail(3, "MsbnbRmsNorm: x [..., H] and weight [H] expected");
+  const int64_t h = shapes[1][0];
+  if (shapes[0][ndims[0] - 1] != h) return dfail(4, "MsbnbRmsNorm: x's last dimension is not H=%lld", (long long)h);
+  const int64_t rows = count(ndims[0], shapes[0]) / (h > 0 ? h : 1);
+  if (count(ndims[3], shapes[3]) != rows * h) return dfail(5, "MsbnbRmsNorm: y has the wrong size");
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float eps = *static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  for (int64_t r = 0; r < rows; ++r) rms_row(x + r * h, w, h, eps, y + r * h);
+  return 0;
+}
+
+// The residual add and the next RMSNorm.  inputs: x [..., H], h [..., H], weight [H], eps float32 [1];
+// outputs: s = x + h, y = RMSNorm(s)
+MSBNB_EXPORT int MsbnbAddRmsNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                                 void *) {
+  if (nparam != 6) return dfail(1, "MsbnbAddRmsNorm takes 4 inputs and 2 outputs, got %d", nparam);
+  for (int i = 0; i < 6; ++i)
+    if (!f32(dtypes[i])) return dfail(2, "MsbnbAddRmsNorm: every tensor must be float32");
+  if (ndims[0] < 1 || ndims[2] != 1) return dfail(3, "MsbnbAddRmsNorm: x [..., H] and weight [H] expected");
+  const int64_t hd = shapes[2][0], n = count(ndims[0], shapes[0]);
+  if (shapes[0][ndims[0] - 1] != hd || count(ndims[1], shapes[1]) != n || count(ndims[4], shapes[4]) != n ||
+      count(ndims[5], shapes[5]) != n)
+    return dfail(4, "MsbnbAddRmsNorm: x, h, s and y must all hold [..., %lld]", (long long)hd);
+  const float *x = static_cast<const float *>(params[0]);
+  const float *h = static_cast<const float *>(params[1]);
+  const float *w = static_cast<const float *>(params[2]);
+  const float eps = *static_cast<const float *>(params[3]);
+  float *s = static_cast<float *>(params[4]);
+  float *y = static_cast<float *>(params[5]);
+  for (int64_t i = 0; i < n; ++i) s[i] = x[i] + h[i];
+  const int64_t rows = n / (hd > 0 ? hd : 1);
+  for (int64_t r = 0; r < rows; ++r) rms_row(s + r * hd, w, hd, eps, y + r * hd);
+  return 0;
+}
+
+// RoPE (rotate-half layout) of a fused q/k/v projection, split into heads.
+// inputs: qkv [B, T, (NH + 2 * NKV) * D], cos [B, T, D], sin [B, T, D], meta int64 [2] (NH, NKV);
+// outputs: q [B, NH, T, D], k [B, NKV, T, D] (both rotated), v [B, NKV, T, D]
+MSBNB_EXPORT int MsbnbRopeSplit(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                                void *) {
+  if (nparam != 7) return dfail(1, "MsbnbRopeSplit takes 4 inputs and 3 outputs, got %d", nparam);
+  if (!f32(dtypes[0]) || !f32(dtypes[1]) || !f32(dtypes[2]) || !f32(dtypes[4]) || !f32(dtypes[5]) || !f32(dtypes[6]))
+    return dfail(2, "MsbnbRopeSplit: qkv, cos, sin and the outputs must be float32");
+  if (std::strcmp(dtypes[3], "int64") != 0 || count(ndims[3], shapes[3]) != 2)
+    return dfail(2, "MsbnbRopeSplit: meta must be int64 [2] (heads, kv_heads)");
+  if (ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3) return dfail(3, "MsbnbRopeSplit: 3-D qkv, cos, sin expected");
+  const int64_t *meta = static_cast<const int64_t *>(params[3]);
+  const int64_t nh = meta[0], nkv = meta[1], B = shapes[0][0], T = shapes[0][1], D = shapes[1][2];
+  if (nh < 1 || nkv < 1 || D < 2 || D % 2 || shapes[0][2] != (nh + 2 * nkv) * D || shapes[1][0] != B ||
+      shapes[1][1] != T || count(3, shapes[2]) != B * T * D)
+    return dfail(4, "MsbnbRopeSplit: shapes do not match heads=%lld, kv_heads=%lld", (long long)nh, (long long)nkv);
+  if (count(ndims[4], shapes[4]) != B * nh * T * D || count(ndims[5], shapes[5]) != B * nkv * T * D ||
+      count(ndims[6], shapes[6]) != B * nkv * T * D)
+    return dfail(5, "MsbnbRopeSplit: outputs have the wrong size");
+  const float *qkv = static_cast<const float *>(params[0]);
+  const float *cs = static_cast<const float *>(params[1]);
+  const float *sn = static_cast<const float *>(params[2]);
+  float *outs[3] = {static_cast<float *>(params[4]), static_cast<float *>(params[5]), static_cast<float *>(params[6])};
+  const int64_t heads[3] = {nh, nkv, nkv}, width = (nh + 2 * nkv) * D, half = D / 2;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const float *row = qkv + (b * T + t) * width;
+      const float *c = cs + (b * T + t) * D, *s = sn + (b * T + t) * D;
+      int64_t col = 0;
+      for (int part = 0; part < 3; ++part)
+        for (int64_t hh = 0; hh < heads[part]; ++hh, col += D) {
+          const float *x = row + col;
+          float *o = outs[part] + ((b * heads[part] + hh) * T + t) * D;
+          if (part == 2) {
+            std::memcpy(o, x, sizeof(float) * D);
+            continue;
+          }
+          // x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1): two products and a sum, as unfused ops
+          for (int64_t i = 0; i < half; ++i) o[i] = x[i] * c[i] + (-x[i + half]) * s[i];
+          for (int64_t i = half; i < D; ++i) o[i] = x[i] * c[i] + x[i - half] * s[i];
+        }
+    }
+  return 0;
+}
+
+// Attention of q over the KV cache with grouped-query heads (query head j reads kv head j / (NH / NKV)).
+// inputs: q [B, NH, T, D], k_cache [B, NKV, S, D], v_cache [B, NKV, S, D], mask [B, T, S] (additive: 0 or
+// <= -1e29 for a hidden slot), scale float32 [1]; output [B, T, NH * D].
+// A slot whose mask is <= -1e29 gets probability exactly 0 (as exp(-1e30 - max) underflows to 0) and is skipped.
+MSBNB_EXPORT int MsbnbCacheAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                     void *, void *) {
+  if (nparam != 6) return dfail(1, "MsbnbCacheAttention takes 5 inputs and 1 output, got %d", nparam);
+  for (int i = 0; i < 6; ++i)
+    if (!f32(dtypes[i])) return dfail(2, "MsbnbCacheAttention: every tensor must be float32");
+  if (ndims[0] != 4 || ndims[1] != 4 || ndims[2] != 4 || ndims[3] != 3)
+    return dfail(3, "MsbnbCacheAttention: q, caches 4-D and mask 3-D expected");
+  const int64_t B = shapes[0][0], NH = shapes[0][1], T = shapes[0][2], D = shapes[0][3];
+  const int64_t NKV = shapes[1][1], S = shapes[1][2];
+  if (NKV < 1 || NH % NKV || shapes[1][0] != B || shapes[1][3] != D || count(4, shapes[2]) != B * NKV * S * D ||
+      shapes[3][0] != B || shapes[3][1] != T || shapes[3][2] != S || count(ndims[5], shapes[5]) != B * T * NH * D)
+    return dfail(4, "MsbnbCacheAttention: inconsistent shapes");
+  const float *q = static_cast<const float *>(params[0]);
+  const float *kc = static_cast<const float *>(params[1]);
+  const float *vc = static_cast<const float *>(params[2]);
+  const float *mask = static_cast<const float *>(params[3]);
+  const float scale = *static_cast<const float *>(params[4]);
+  float *out = static_cast<float *>(params[5]);
+  const int64_t rep = NH / NKV;
+  auto task = [&](int64_t job) {  // one (b, query head)
+    const int64_t b = job / NH, h = job % NH, g = h / rep;
+    const float *kb = kc + (b * NKV + g) * S * D, *vb = vc + (b * NKV + g) * S * D;
+    float *p = static_cast<float *>(scratch(0, sizeof(float) * (size_t)(S > 0 ? S : 1)));
+    float *acc = static_cast<float *>(scratch(1, sizeof(float) * (size_t)(D > 0 ? D : 1)));
+    for (int64_t t = 0; t < T; ++t) {
+      const float *qv = q + ((b * NH + h) * T + t) * D;
+      const float *m = mask + (b * T + t) * S;
+      float mx = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        if (m[s] <= -1e29f) continue;
+        p[s] = dot(qv, kb + s * D, D) * scale + m[s];
+        if (p[s] > mx) mx = p[s];
+      }
+      float total = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        if (m[s] <= -1e29f) continue;
+        p[s] = std::exp(p[s] - mx);
+        total += p[s];
+      }
+      for (int64_t i = 0; i < D; ++i) acc[i] = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        if (m[s] <= -1e29f) continue;
+        const float ps = p[s];
+        const float *vr = vb + s * D;
+        for (int64_t i = 0; i < D; ++i) acc[i] += ps * vr[i];
+      }
+      float *o = out + ((b * T + t) * NH + h) * D;
+      if (mx == -INFINITY) {  // every slot hidden: no token to attend to (never happens in generate)
+        for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
+      } else {
+        for (int64_t i = 0; i < D; ++i) o[i] = acc[i] / total;
+      }
+    }
+  };
+  if (T * S * D >= 32768)
+    parallel_tasks(B * NH, [&](int64_t j) { task(j); });
+  else
+    for (int64_t j = 0; j < B * NH; ++j) task(j);
+  return 0;
+}
+
+// SiLU(gate) * up of a fused gate/up projection.  input: gu [..., 2 * I] (gate first); output [..., I]
+MSBNB_EXPORT int MsbnbSwiGlu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                             void *) {
+  if (nparam != 2) return dfail(1, "MsbnbSwiGlu takes 1 input and 1 output, got %d", nparam);
+  if (!f32(dtypes[0]) || !f32(dtypes[1])) return dfail(2, "MsbnbSwiGlu: float32 expected");
+  if (ndims[0] < 1 || shapes[0][ndims[0] - 1] % 2) return dfail(3, "MsbnbSwiGlu: the last dimension must be even");
+  const int64_t two_i = shapes[0][ndims[0] - 1], inter = two_i / 2;
+  const int64_t rows = count(ndims[0], shapes[0]) / (two_i > 0 ? two_i : 1);
+  if (count(ndims[1], shapes[1]) != rows * inter) return dfail(4, "MsbnbSwiGlu: output has the wrong size");
+  const float *gu = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[1]);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *g = gu + r * two_i, *u = g + inter;
+    float *o = y + r * inter;
+    for (int64_t i = 0; i < inter; ++i) o[i] = (g[i] / (1.0f + std::exp(-g[i]))) * u[i];
+  }
+  return 0;
+}
+
+// y[..., sum N_i] = x[..., K] @ [W_1; ...; W_g]^T for float32 weights W_i [N_i, K] (no bias).
+// inputs: x, W_1, ..., W_g; output y.  Rows of the output are split into chunks run on the kernel threads;
+// each output value is one dot product (fixed order), so the result does not depend on the thread count.
+MSBNB_EXPORT int MsbnbLinearF32(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                                void *) {
+  const int g = nparam - 2;
+  if (g < 1 || g > 8) return dfail(1, "MsbnbLinearF32 takes x, 1 to 8 weights and 1 output, got %d tensors", nparam);
+  for (int i = 0; i < nparam; ++i)
+    if (!f32(dtypes[i])) return dfail(2, "MsbnbLinearF32: every tensor must be float32");
+  if (ndims[0] < 1) return dfail(3, "MsbnbLinearF32: x must have at least one dimension");
+  const int64_t K = shapes[0][ndims[0] - 1], M = count(ndims[0] - 1, shapes[0]);
+  int64_t total = 0;
+  int64_t starts[9];
+  for (int i = 0; i < g; ++i) {
+    if (ndims[1 + i] != 2 || shapes[1 + i][1] != K)
+      return dfail(4, "MsbnbLinearF32: weight %d must be [N, %lld]", i, (long long)K);
+    starts[i] = total;
+    total += shapes[1 + i][0];
+  }
+  starts[g] = total;
+  if (count(ndims[nparam - 1], shapes[nparam - 1]) != M * total) return dfail(5, "MsbnbLinearF32: y has the wrong size");
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[nparam - 1]);
+  constexpr int64_t kChunk = 64;  // output columns per task
+  const int64_t ntasks = (total + kChunk - 1) / kChunk;
+  auto task = [&](int64_t t) {
+    const int64_t lo = t * kChunk, hi = lo + kChunk < total ? lo + kChunk : total;
+    for (int64_t n = lo; n < hi; ++n) {
+      int i = 0;
+      while (n >= starts[i + 1]) ++i;
+      const float *w = static_cast<const float *>(params[1 + i]) + (n - starts[i]) * K;
+      for (int64_t m = 0; m < M; ++m) y[m * total + n] = dot(x + m * K, w, K);
+    }
+  };
+  if (total * K * (M > 0 ? M : 1) >= 65536)
+    parallel_tasks(ntasks, [&](int64_t t) { task(t); });
+  else
+    for (int64_t t = 0; t < ntasks; ++t) task(t);
+  return 0;
+}
+
+// The float32 head kept as int8 codes with one float32 scale per 32 weights of a row, when that is lossless
+// (w = q * d exactly, as for a GGUF Q8_0 embedding and its dequantized twin): y[..., N] = x[..., K] @ W^T
+// with W = q * d decoded exactly, float32 products and sums: the float32 weights' result, a quarter of the
+// bytes streamed. inputs: x [..., K], q int8 [N, K], d float32 [N, K / 32]; output y [..., N].
+namespace msbnb {
+namespace {
+constexpr int64_t kQ8Block = 32;
+
+// Lane j (0..15) of the accumulator sums ((float)q * d) * x over the elements j and 16 + j of every block, in
+// block order; then the fixed pairwise reduction of dot(). The AVX-512 (one zmm), AVX2 (two ymm) and portable
+// versions do the same IEEE operations in the same order: the same bits on every machine.
+inline float reduce16(float *lanes) {
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
+  return lanes[0];
+}
+
+__attribute__((target("avx512f"))) float q8_dot_avx512(const float *x, const int8_t *q, const float *d, int64_t nb) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m512 s = _mm512_set1_ps(d[b]);
+    const int8_t *qb = q + b * kQ8Block;
+    const float *xb = x + b * kQ8Block;
+    __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(qb))));
+    __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(qb + 16))));
+    acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_mul_ps(w0, s), _mm512_loadu_ps(xb)));
+    acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_mul_ps(w1, s), _mm512_loadu_ps(xb + 16)));
+  }
+  alignas(64) float lanes[kLanes];
+  _mm512_store_ps(lanes, acc);
+  return reduce16(lanes);
+}
+
+__attribute__((target("avx2"))) float q8_dot_avx2(const float *x, const int8_t *q, const float *d, int64_t nb) {
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();  // lanes 0-7 and 8-15
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256 s = _mm256_set1_ps(d[b]);
+    const int8_t *qb = q + b * kQ8Block;
+    const float *xb = x + b * kQ8Block;
+    for (int half = 0; half < 2; ++half) {
+      const int8_t *qh = qb + 16 * half;
+      const float *xh = xb + 16 * half;
+      __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(qh))));
+      __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(qh + 8))));
+      lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_mul_ps(w0, s), _mm256_loadu_ps(xh)));
+      hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_mul_ps(w1, s), _mm256_loadu_ps(xh + 8)));
+    }
+  }
+  alignas(32) float lanes[kLanes];
+  _mm256_store_ps(lanes, lo);
+  _mm256_store_ps(lanes + 8, hi);
+  return reduce16(lanes);
+}
+
+float q8_dot_portable(const float *x, const int8_t *q, const float *d, int64_t nb) {
+  float acc[kLanes] = {0};
+  for (int64_t b = 0; b < nb; ++b) {
+    const float s = d[b];
+    for (int half = 0; half < 2; ++half)
+      for (int j = 0; j < kLanes; ++j) {
+        const int64_t i = b * kQ8Block + 16 * half + j;
+        acc[j] += ((float)q[i] * s) * x[i];
+      }
+  }
+  return reduce16(acc);
+}
+
+typedef float (*Q8Dot)(const float *, const int8_t *, const float *, int64_t);
+
+// the instruction set the library runs (msbnb_set_isa / MSBNB_ISA; api.cc checks the CPU has it)
+Q8Dot q8_dot() {
+  const char *isa = msbnb_isa();
+  if (std::strcmp(isa, "avx512") == 0) return q8_dot_avx512;
+  if (std::strcmp(isa, "avx2") == 0) return q8_dot_avx2;
+  return q8_dot_portable;
+}
+
+void q8_rows(const float *x, int64_t M, int64_t K, const int8_t *q, const float *d, int64_t n0, int64_t n1,
+             int64_t N, float *y) {
+  const Q8Dot dot8 = q8_dot();
+  const int64_t nb = K / kQ8Block;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot8(x + m * K, q + n * K, d + n * nb, nb);
+}
+}  // namespace
+}  // namespace msbnb
+
+MSBNB_EXPORT int MsbnbLinearQ8(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                               void *) {
+  if (nparam != 4) return dfail(1, "MsbnbLinearQ8 takes 3 inputs and 1 output, got %d", nparam);
+  if (!f32(dtypes[0]) || std::strcmp(dtypes[1], "int8") != 0 || !f32(dtypes[2]) || !f32(dtypes[3]))
+    return dfail(2, "MsbnbLinearQ8: x float32, q int8, d float32 expected");
+  if (ndims[0] < 1 || ndims[1] != 2 || ndims[2] != 2) return dfail(3, "MsbnbLinearQ8: q [N, K] and d [N, K/32]");
+  const int64_t K = shapes[0][ndims[0] - 1], M = count(ndims[0] - 1, shapes[0]), N = shapes[1][0];
+  if (K % kQ8Block || shapes[1][1] != K || shapes[2][0] != N || shapes[2][1] != K / kQ8Block)
+    return dfail(4, "MsbnbLinearQ8: K=%lld must be a multiple of 32 and match q [N, K], d [N, K/32]", (long long)K);
+  if (count(ndims[3], shapes[3]) != M * N) return dfail(5, "MsbnbLinearQ8: y has the wrong size");
+  const float *x = static_cast<const float *>(params[0]);
+  const int8_t *q = static_cast<const int8_t *>(params[1]);
+  const float *d = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  constexpr int64_t kChunk = 256;
+  const int64_t ntasks = (N + kChunk - 1) / kChunk;
+  auto task = [&](int64_t t) {
+    const int64_t lo = t * kChunk, hi = lo + kChunk < N ? lo + kChunk : N;
+    q8_rows(x, M, K, q, d, lo, hi, N, y);
+  };
+  if (N * K * (M > 0 ? M : 1) >= 65536)
+    parallel_tasks(ntasks, [&](int64_t t) { task(t); });
+  else
+    for (int64_t t = 0; t < ntasks; ++t) task(t);
+  return 0;
+}
