@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._version import __version__
+from .cli_demo import add_demo_command
 from .cli_generate import add_generate_command
 from .cli_memory import add_memory_commands
 from .cli_models import add_model_commands
@@ -510,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(sub)
     add_memory_commands(sub)
     add_generate_command(sub)
+    add_demo_command(sub)
     return parser
 
 

@@ -14,7 +14,7 @@ import itertools
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import Parameter, Tensor, nn
+from mindspore import Tensor, nn
 
 import msbnb_pass as mb
 from msbnb_pass.mixed import ErrorBudget, as_budget, backtrack, solve
