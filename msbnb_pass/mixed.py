@@ -52,6 +52,7 @@ WEIGHT_ONLY = ("linear4bit", "linear8bit")
 FOUR_BIT = ("nf4", "fp4", "int4")
 DP_UNITS = 4096  # resolution of the byte axis of the knapsack (bytes above the cheapest mix)
 REPAIR_ROUNDS = 4
+SHOWN = 6  # upgraded layers named in the summary (to_dict has them all)
 _FORMAT_RE = re.compile(r"^(nf4|fp4|int4)(?::(\d+))?$")
 
 
@@ -212,7 +213,11 @@ class MixedPlan:
         ]
         upgraded = [c for c in self.layers if c.chosen != c.base]
         if upgraded:
-            lines.append("  more precise: " + ", ".join(f"{c.path} ({c.chosen})" for c in upgraded))
+            # the biggest upgrades first, then the most sensitive layers
+            upgraded.sort(key=lambda c: (c.bytes[c.base] - c.bytes[c.chosen], -c.sensitivity[c.base]))
+            shown = ", ".join(f"{c.path} ({c.chosen})" for c in upgraded[:SHOWN])
+            more = f" and {len(upgraded) - SHOWN} more" if len(upgraded) > SHOWN else ""
+            lines.append(f"  more precise than {self.layers[0].base}: {shown}{more}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return lines
 
