@@ -45,8 +45,10 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    from .outputs import write_text_atomic
+    from .outputs import check_output_file, write_text_atomic
 
+    if args.json:
+        check_output_file(args.json, "--json")  # before minutes of work, not after
     result = run_demo(
         args.families,
         sentences=args.sentences,
