@@ -171,7 +171,8 @@ class LayerChoice:
     chosen: str
     bytes: dict[str, int]  # format -> weight bytes
     sensitivity: dict[str, float]  # format -> end-to-end 1 - cosine with only this layer quantized so
-    measured: str  # which format's sensitivity was measured end to end (the others are estimated)
+    measured: str  # the format whose sensitivity was measured end to end (the others are estimated); "" for a
+    # layer that did not run on the sample inputs (sensitivity 0)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -381,13 +382,15 @@ def choose_formats(
         )
     options: list[list[_Option]] = []
     params = []
+    idle: set[int] = set()
     for m in eligible:
         cand = m.candidate
         view = linear_view(graph, cand)
         param = graph.obj(cand.weight)
         params.append(param)
         x = captured.get(cand.anchor)
-        if x is None or not len(x):
+        if x is None or not len(x):  # the layer did not run on the sample inputs: it cannot change the outputs
+            idle.add(len(params) - 1)
             x = np.random.default_rng(0).standard_normal((32, cand.in_features)).astype(np.float32)
         x = np.asarray(x, np.float64)
         base = dict(m.rule.rewrite)
@@ -420,7 +423,7 @@ def choose_formats(
     # sensitivity: end to end with only this layer at its base format; the others by the local-error ratio
     for i, opts in enumerate(options):
         base = opts[0]
-        base.sensitivity = runner.error({params[i]: fake(i, base)})
+        base.sensitivity = 0.0 if i in idle else runner.error({params[i]: fake(i, base)})
         for opt in opts[1:]:
             opt.sensitivity = 0.0 if opt.layer is None or base.local <= 0 else base.sensitivity * opt.local / base.local
     base_error = runner.error({params[i]: fake(i, opts[0]) for i, opts in enumerate(options)})
@@ -498,7 +501,7 @@ def choose_formats(
                 opt.label,
                 {o.label: o.nbytes for o in opts},
                 {o.label: o.sensitivity for o in opts},
-                opts[0].label,
+                "" if i in idle else opts[0].label,
             )
         )
         if opt.layer is None:

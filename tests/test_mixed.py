@@ -261,3 +261,21 @@ def test_as_budget_forms_agree():
     b = ErrorBudget(max_bytes_ratio=1.2, candidates=["int8"])
     assert b.candidates == ("int8",) and as_budget(b) is b
     assert copy.deepcopy(b) == b
+
+
+class WithIdleLayer(Chain):
+    """Chain plus a layer its construct never calls (like BERT's pooler when only hidden states are used)."""
+
+    def __init__(self):
+        super().__init__()
+        self.idle = nn.Dense(D, D)
+
+
+def test_a_layer_that_does_not_run_costs_no_forward_run_and_stays_cheapest():
+    result = mb.apply(WithIdleLayer(), "nf4", sample_inputs=Tensor(_x(8)), error_budget={"max_bytes_ratio": 1.3})
+    plan = result.mixed
+    idle = next(c for c in plan.layers if c.path == "idle")
+    assert idle.measured == "" and set(idle.sensitivity.values()) == {0.0} and idle.chosen == "nf4:64"
+    assert all(c.measured == "nf4:64" for c in plan.layers if c.path != "idle")
+    # one run per layer that ran (5), all at the base format (1), the chosen mix (1)
+    assert plan.forward_runs == 7
