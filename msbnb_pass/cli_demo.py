@@ -26,7 +26,11 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sentences", type=int, default=1000, help="real sentences embedded (default 1000)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--text", choices=("auto", "tweets", "pydoc"), default="auto", help="sentence source")
-    p.add_argument("--model", metavar="DIR", help="another BERT or LLaMA checkpoint (directory or .gguf)")
+    p.add_argument(
+        "--model",
+        metavar="DIR",
+        help="another float BERT or LLaMA checkpoint (a transformers save_pretrained directory)",
+    )
     p.add_argument("--no-mixed", action="store_true", help="skip the accuracy-aware row")
     p.add_argument("--min-cosine", type=float, default=0.98, help="accuracy-aware: cosine to reach (default 0.98)")
     p.add_argument(
