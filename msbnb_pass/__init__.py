@@ -37,6 +37,7 @@ _EXPORTS = {
     "explain": "passes",
     "PassResult": "passes",
     "PassError": "passes",
+    "ErrorBudget": "mixed",
     "Rule": "rules",
     "RuleSet": "rules",
     "RuleError": "rules",

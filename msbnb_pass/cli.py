@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._version import __version__
+from .cli_demo import add_demo_command
 from .cli_finetune import add_finetune_command
 from .cli_generate import add_generate_command
 from .cli_memory import add_memory_commands
@@ -519,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_command(sub)
     add_report_command(sub, _add_model_args, _add_allow_import, _run_pass)
     add_finetune_command(sub)
+    add_demo_command(sub)
     return parser
 
 

@@ -26,13 +26,14 @@ from .graph import NetGraph, build_graph
 from .lora import LoraConfig, add_lora, lora_targets, split_lora_spec
 from .match import Match, MatchTrace, find_matches
 from .memory import release_memory
+from .mixed import ErrorBudget, MixedPlan, as_budget, choose_formats
 from .rewrite import Transaction, apply_match, linear_view, rename_parameters
 from .rules import RuleSet, name_matches
 from .verify import VIOLATION_ACTIONS, Bound, LayerCheck, Report, bound_for, compare_outputs, fp32_worst_ratio, metrics
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PassError", "PassResult", "Rewrite", "apply", "explain", "get_qlora_model", "quantize"]
+__all__ = ["ErrorBudget", "PassError", "PassResult", "Rewrite", "apply", "explain", "get_qlora_model", "quantize"]
 
 PROBE_ROWS = 8  # synthetic probe rows per layer
 KERNEL_CHECK_ROWS = 64  # output rows compared against the reference computation
@@ -74,6 +75,7 @@ class PassResult:
     rules: list[dict[str, Any]] = field(default_factory=list)  # the rules applied: name, scheme, source, ...
     lora: list[str] = field(default_factory=list)  # layers given LoRA adapters (planned, in a dry run)
     lora_config: LoraConfig | None = None
+    mixed: MixedPlan | None = None  # the accuracy-aware mode's choice (apply(..., error_budget=...))
 
     @property
     def quantized(self) -> list[Rewrite]:
@@ -120,6 +122,8 @@ class PassResult:
         if self.report.end_to_end:
             e = self.report.end_to_end
             lines.append(f"end to end: cosine {e['cosine']:.6f}, relative error {e['relative_error']:.4f}")
+        if self.mixed is not None:
+            lines.extend(self.mixed.summary_lines())
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
@@ -139,6 +143,7 @@ class PassResult:
             "graph_before": self.graph_before.summary(),
             "graph_after": self.graph_after.summary(),
             "rules": [dict(r) for r in self.rules],
+            "mixed": None if self.mixed is None else self.mixed.to_dict(),
         }
 
     def to_html(self, path: str | os.PathLike, *, title: str | None = None) -> Path:
@@ -281,6 +286,7 @@ def apply(
     progress: bool | None = None,
     seed: int = 0,
     allow_imports: Sequence[str] = (),
+    error_budget: ErrorBudget | dict | float | None = None,
 ) -> PassResult:
     """Rewrite ``net`` in place by ``rules_or_config``; return what was done.
 
@@ -303,6 +309,10 @@ def apply(
         progress: show a progress bar (default: when there are many layers and stderr is a terminal).
         allow_imports: module prefixes (e.g. ``["mypkg."]``) a TOML rule file may import to find the
             classes it names; without it, reading a rule file never imports anything.
+        error_budget: the accuracy-aware mode (needs ``sample_inputs``): measure each layer's sensitivity on
+            the sample inputs and give the most sensitive layers a more precise format (INT8, a smaller
+            blocksize, float) within a byte budget; see ``msbnb_pass.mixed.ErrorBudget``. A number ``e`` in
+            (0, 1) means ``ErrorBudget(min_cosine=1 - e)``. The choice is in ``PassResult.mixed``.
 
     Raises:
         TypeError: an argument of the wrong type. ``MsbnbError`` subclasses (PassError, RewriteError,
@@ -323,6 +333,13 @@ def apply(
     if bounds is not None and (not isinstance(bounds, dict) or not all(isinstance(b, Bound) for b in bounds.values())):
         raise TypeError(f"bounds must be a dict of scheme -> verify.Bound, got {bounds!r}")
     rules_or_config, lora_config = split_lora_spec(rules_or_config)
+    budget = None
+    if error_budget is not None:
+        budget = as_budget(error_budget)
+        if sample_inputs is None:
+            raise PassError("error_budget needs sample_inputs: the layers' sensitivity is measured on them")
+        if dry_run:
+            raise PassError("error_budget cannot be combined with dry_run (choosing formats runs the network)")
     ruleset = resolve_rules(rules_or_config, allow_imports=allow_imports)
     # LoRA targets are checked on the network as it is (the rules keep every layer's path): a config
     # matching nothing fails here, before anything is rewritten
@@ -391,6 +408,7 @@ def apply(
             seed,
             origins,
             lora_config,
+            budget,
         )
 
 
@@ -492,10 +510,18 @@ def _rewrite(
     seed,
     origins,
     lora_config=None,
+    budget=None,
 ) -> PassResult:
     captured, outputs_before = ({}, None)
     if sample_inputs is not None:
         captured, outputs_before = _capture_inputs(graph_before, net, matches, sample_inputs)
+    prebuilt: dict[str, nn.Cell] = {}
+    mixed_kept: list[tuple[str, str]] = []
+    mixed = None
+    if budget is not None:
+        matches, prebuilt, mixed_kept, mixed = choose_formats(
+            net, graph_before, ruleset, matches, captured, sample_inputs, outputs_before, budget, on_violation
+        )
     rng = np.random.default_rng(seed)
     txn = Transaction()
     report = Report()
@@ -511,7 +537,9 @@ def _rewrite(
             cand = m.candidate
             try:
                 view = linear_view(graph_before, cand)
-                layer = m.rule.replacement.build(view, **m.rule.replacement_params())
+                layer = prebuilt.pop(cand.path, None)
+                if layer is None:
+                    layer = m.rule.replacement.build(view, **m.rule.replacement_params())
             except QuantizationError as exc:
                 if on_violation != "keep_float":
                     raise RewriteError(
@@ -598,7 +626,7 @@ def _rewrite(
     txn.commit()
     graph_after = build_graph(net)
     graph_before._objects = {}  # drop the references to the replaced float layers: their memory goes now
-    kept = _kept_layers(trace, ruleset, origins, rewrites)
+    kept = sorted(_kept_layers(trace, ruleset, origins, rewrites) + mixed_kept)
     result = PassResult(
         net,
         rewrites,
@@ -611,6 +639,7 @@ def _rewrite(
         rules=_rule_rows(ruleset),
         lora=lora,
         lora_config=lora_config,
+        mixed=mixed,
     )
     release_memory()
     return result
