@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 from mindspore import Tensor, nn
 
-from . import kernels
+from . import calibrate, kernels
 from .config_rules import resolve_rules, skip_origins
 from .errors import PassError, QuantizationError, RewriteError, closest
 from .graph import NetGraph, build_graph
@@ -50,6 +51,11 @@ class Rewrite:
     bytes_after: int  # the quantized weight, statistics and bias that came in
     action: str = "quantized"  # or "kept_float" (verification or quantization failed, on_violation="keep_float")
     reason: str = ""  # why a layer was kept in float
+    rounding: str = "nearest"  # or "gptq" (calibrated)
+    # gptq only: relative output error ||X (W - Q)^T|| / ||X W^T|| on the calibration activations X, of
+    # round-to-nearest's codes ("before") and of the calibrated ones ("after")
+    error_nearest: float | None = None
+    error_calibrated: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -68,6 +74,7 @@ class PassResult:
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
     kept: list[tuple[str, str]] = field(default_factory=list)  # (path, why) of every weight-holding layer kept
+    calibration: dict[str, Any] = field(default_factory=dict)  # samples, rows, seconds (calibrated rounding)
 
     @property
     def quantized(self) -> list[Rewrite]:
@@ -98,6 +105,15 @@ class PassResult:
         if self.kept:
             lines.append(f"kept {len(self.kept)} weight-holding layer(s) in full precision:")
             lines.extend(f"  {path or '<root>'}: {why}" for path, why in self.kept)
+        calibrated = [r for r in self.quantized if r.error_calibrated is not None]
+        if calibrated:
+            ratios = np.array([r.error_calibrated / r.error_nearest if r.error_nearest else 1.0 for r in calibrated])
+            c = self.calibration
+            lines.append(
+                f"calibrated rounding (gptq) on {len(calibrated)} layer(s), {c.get('samples', 0)} sample(s), "
+                f"{c.get('seconds', 0.0):.1f} s: output error vs round-to-nearest median {np.median(ratios):.3f}x "
+                f"(best {ratios.min():.3f}x, worst {ratios.max():.3f}x)"
+            )
         if self.report.layers:
             worst = max(self.report.layers, key=lambda c: c.metrics["relative_error"])
             lines.append(
@@ -122,6 +138,7 @@ class PassResult:
             "trace": self.trace.to_dict(),
             "warnings": list(self.warnings),
             "kept": [{"path": p, "reason": r} for p, r in self.kept],
+            "calibration": dict(self.calibration),
             "graph_before": self.graph_before.summary(),
             "graph_after": self.graph_after.summary(),
         }
@@ -251,6 +268,7 @@ def apply(
     rules_or_config: Any,
     *,
     sample_inputs: Any = None,
+    calibration: Any = None,
     verify: bool = True,
     on_violation: str = "raise",
     dry_run: bool = False,
@@ -268,6 +286,11 @@ def apply(
             BitsAndBytesConfig / QuantConfig.
         sample_inputs: a Tensor or tuple of Tensors the network accepts; each rewritten layer is then
             verified on the activations it really sees, and the whole network end to end.
+        calibration: an iterable of argument tuples for ``net(*args)`` (e.g. ``[(ids,), ...]``): the float
+            network runs over them and every matched layer's codes are chosen by GPTQ against its real
+            input activations instead of round-to-nearest, in the same storage format (a rule's
+            ``rewrite.rounding = "nearest"`` opts it out). The per-layer output error before/after is in
+            the result's rewrites and summary.
         verify: check every rewritten layer against its float original and its kernel against the
             reference while the float weight still exists.
         on_violation: "raise" (roll everything back and raise), "keep_float" (leave that layer in full
@@ -299,6 +322,7 @@ def apply(
     if bounds is not None and (not isinstance(bounds, dict) or not all(isinstance(b, Bound) for b in bounds.values())):
         raise TypeError(f"bounds must be a dict of scheme -> verify.Bound, got {bounds!r}")
     ruleset = resolve_rules(rules_or_config, allow_imports=allow_imports)
+    samples = None if calibration is None else calibrate.check_samples(net, calibration)
     if backend is not None:
         if backend not in kernels.available_backends():
             raise PassError(f"backend must be one of {kernels.available_backends()}, got {backend!r}")
@@ -311,6 +335,7 @@ def apply(
         for r in ruleset
         if r.name in trace.unused_rules and not r.source.startswith("rules/")
     ]
+    calibrate.check_rules(matches, samples is not None)
     origins = skip_origins(rules_or_config)
     warnings += _names_matching_nothing(graph_before, ruleset, origins)
     for w in warnings:
@@ -351,6 +376,7 @@ def apply(
             progress,
             seed,
             origins,
+            samples,
         )
 
 
@@ -434,10 +460,18 @@ def _rewrite(
     progress,
     seed,
     origins,
+    samples=None,
 ) -> PassResult:
     captured, outputs_before = ({}, None)
     if sample_inputs is not None:
         captured, outputs_before = _capture_inputs(graph_before, net, matches, sample_inputs)
+    cal = None
+    to_calibrate = [m for m in matches if calibrate.rounding_of(m.rule, samples is not None) == "gptq"]
+    if to_calibrate:
+        cal = calibrate.collect(graph_before, net, to_calibrate, samples)
+        factors = calibrate.FactorCache()
+        for key, rows in cal.probes.items():  # verify on real activations rather than synthetic ones
+            captured.setdefault(key, rows)
     rng = np.random.default_rng(seed)
     txn = Transaction()
     report = Report()
@@ -451,9 +485,29 @@ def _rewrite(
     try:
         for m in iterator:
             cand = m.candidate
+            rounding = calibrate.rounding_of(m.rule, samples is not None)
+            calibrated = None
             try:
                 view = linear_view(graph_before, cand)
-                layer = m.rule.replacement.build(view, **m.rule.replacement_params())
+                if rounding == "gptq":
+                    if cand.anchor not in cal.hessians:
+                        raise PassError(
+                            f"{cand.path or '<root>'}: the network never ran this layer on the calibration samples, "
+                            "so its rounding cannot be calibrated"
+                        )
+                    t0 = time.perf_counter()
+                    layer, calibrated = calibrate.build_calibrated(
+                        view,
+                        cal.hessians[cand.anchor],
+                        m.rule.replacement.name,
+                        m.rule.replacement_params(),
+                        factors,
+                    )
+                    cal.seconds += time.perf_counter() - t0
+                else:
+                    layer = m.rule.replacement.build(view, **m.rule.replacement_params())
+            except PassError:
+                raise
             except QuantizationError as exc:
                 if on_violation != "keep_float":
                     raise RewriteError(
@@ -518,8 +572,13 @@ def _rewrite(
                     after,
                     action,
                     reason,
+                    rounding,
+                    None if calibrated is None else calibrated.error_nearest,
+                    None if calibrated is None else calibrated.error,
                 )
             )
+            if cal is not None:
+                cal.hessians.pop(cand.anchor, None)  # its memory goes with the layer
             del view
             release_memory(collect=False)  # the layer's quantization temporaries, before the next layer
             if action == "quantized":
@@ -541,6 +600,8 @@ def _rewrite(
     graph_before._objects = {}  # drop the references to the replaced float layers: their memory goes now
     kept = _kept_layers(trace, ruleset, origins, rewrites)
     result = PassResult(net, rewrites, report, graph_before, graph_after, trace, warnings=warnings, kept=kept)
+    if cal is not None:
+        result.calibration = {"samples": cal.samples, "rows": max(cal.rows.values(), default=0), "seconds": cal.seconds}
     release_memory()
     return result
 
