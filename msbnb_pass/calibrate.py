@@ -41,7 +41,8 @@ class Calibration:
     hessians: dict[str, np.ndarray] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
     probes: dict[str, np.ndarray] = field(default_factory=dict)  # a few real input rows per layer (verification)
-    seconds: float = 0.0
+    seconds: float = 0.0  # running the network and summing X^T X
+    quantize_seconds: float = 0.0  # GPTQ over all layers
 
 
 # ---- the argument ----------------------------------------------------------------------------------------------
@@ -256,17 +257,26 @@ def quantizer_for(name: str, params: dict, weight: np.ndarray):
 
 
 class FactorCache:
-    """The inverse-Hessian factor of the last Hessian seen: layers sharing an input (one Hessian object)
-    factor it once."""
+    """GPTQ's per-Hessian work (:func:`formats.gptq.prepare`), done once for the layers that share a Hessian
+    (q/k/v, gate/up) and dropped when the last of them is quantized."""
 
-    def __init__(self):
-        self._h = None
-        self._factor = None
+    def __init__(self, hessians: list[np.ndarray]):
+        self._users: dict[int, int] = {}
+        for h in hessians:
+            self._users[id(h)] = self._users.get(id(h), 0) + 1
+        self._prepared: dict[tuple[int, bool], _gptq.Prepared] = {}
 
-    def get(self, hessian: np.ndarray) -> np.ndarray:
-        if hessian is not self._h:
-            self._h, self._factor = hessian, _gptq.inverse_cholesky(hessian)
-        return self._factor
+    def get(self, hessian: np.ndarray, act_order: bool) -> _gptq.Prepared:
+        key = (id(hessian), act_order)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            prepared = self._prepared[key] = _gptq.prepare(hessian, act_order)
+        left = self._users.get(id(hessian), 1) - 1
+        self._users[id(hessian)] = left
+        if left <= 0:
+            for k in [k for k in self._prepared if k[0] == id(hessian)]:
+                del self._prepared[k]
+        return prepared
 
 
 def build_calibrated(
@@ -276,8 +286,9 @@ def build_calibrated(
     from .nn import Linear4bit, Linear8bit, Linear8bitLt
 
     quantizer = quantizer_for(name, params, view.weight)
-    factor = None if quantizer.column_free or cache is None else cache.get(hessian)
-    result = _gptq.gptq_quantize(view.weight, hessian, quantizer, factor=factor)
+    act_order = quantizer.column_free
+    prepared = None if cache is None else cache.get(hessian, act_order)
+    result = _gptq.gptq_quantize(view.weight, hessian, quantizer, act_order=act_order, prepared=prepared)
     a = result.arrays
     out_f, in_f = view.weight.shape
     has_bias = view.bias is not None

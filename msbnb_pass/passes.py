@@ -74,7 +74,9 @@ class PassResult:
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
     kept: list[tuple[str, str]] = field(default_factory=list)  # (path, why) of every weight-holding layer kept
-    calibration: dict[str, Any] = field(default_factory=dict)  # samples, rows, seconds (calibrated rounding)
+    # calibrated rounding: samples, rows (per layer, the most), seconds = collect_seconds (running the network
+    # over the samples, summing X^T X) + quantize_seconds (GPTQ)
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     @property
     def quantized(self) -> list[Rewrite]:
@@ -469,7 +471,9 @@ def _rewrite(
     to_calibrate = [m for m in matches if calibrate.rounding_of(m.rule, samples is not None) == "gptq"]
     if to_calibrate:
         cal = calibrate.collect(graph_before, net, to_calibrate, samples)
-        factors = calibrate.FactorCache()
+        factors = calibrate.FactorCache(
+            [cal.hessians[m.candidate.anchor] for m in to_calibrate if m.candidate.anchor in cal.hessians]
+        )
         for key, rows in cal.probes.items():  # verify on real activations rather than synthetic ones
             captured.setdefault(key, rows)
     rng = np.random.default_rng(seed)
@@ -503,7 +507,7 @@ def _rewrite(
                         m.rule.replacement_params(),
                         factors,
                     )
-                    cal.seconds += time.perf_counter() - t0
+                    cal.quantize_seconds += time.perf_counter() - t0
                 else:
                     layer = m.rule.replacement.build(view, **m.rule.replacement_params())
             except PassError:
@@ -601,7 +605,13 @@ def _rewrite(
     kept = _kept_layers(trace, ruleset, origins, rewrites)
     result = PassResult(net, rewrites, report, graph_before, graph_after, trace, warnings=warnings, kept=kept)
     if cal is not None:
-        result.calibration = {"samples": cal.samples, "rows": max(cal.rows.values(), default=0), "seconds": cal.seconds}
+        result.calibration = {
+            "samples": cal.samples,
+            "rows": max(cal.rows.values(), default=0),
+            "seconds": cal.seconds + cal.quantize_seconds,
+            "collect_seconds": cal.seconds,
+            "quantize_seconds": cal.quantize_seconds,
+        }
     release_memory()
     return result
 

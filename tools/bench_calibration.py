@@ -136,12 +136,15 @@ def run(args) -> dict:
             if rounding == "gptq":
                 ratios = [r.error_calibrated / r.error_nearest for r in res.quantized if r.error_nearest]
                 row["calibration_seconds"] = res.calibration["seconds"]
+                row["collect_seconds"] = res.calibration["collect_seconds"]
+                row["gptq_seconds"] = res.calibration["quantize_seconds"]
                 row["layer_error_ratio_median"] = float(np.median(ratios))
                 row["layer_error_nearest_median"] = float(np.median([r.error_nearest for r in res.quantized]))
                 row["layer_error_calibrated_median"] = float(np.median([r.error_calibrated for r in res.quantized]))
             rows.append(row)
             extra = (
-                f", calibration {row['calibration_seconds']:.1f} s, layer error x{row['layer_error_ratio_median']:.3f}"
+                f", calibration {row['calibration_seconds']:.1f} s (network {row['collect_seconds']:.1f} s + gptq "
+                f"{row['gptq_seconds']:.1f} s), layer error x{row['layer_error_ratio_median']:.3f}"
                 if rounding == "gptq"
                 else ""
             )
@@ -158,6 +161,12 @@ def run(args) -> dict:
         "cpu_load_average": os.getloadavg()[0],
         "rows": rows,
     }
+
+
+def _split(row: dict) -> str:
+    if "collect_seconds" not in row:
+        return ""
+    return f" ({row['collect_seconds']:.0f} network + {row['gptq_seconds']:.0f} gptq)"
 
 
 def table(result: dict) -> str:
@@ -177,7 +186,7 @@ def table(result: dict) -> str:
             continue
         lines.append(
             f"| {n['label']} | {n['perplexity']:.2f} ({n['ratio']:.3f}x) | {g['perplexity']:.2f} ({g['ratio']:.3f}x) "
-            f"| {g['calibration_seconds']:.1f} s | {g['layer_error_nearest_median']:.4f} -> "
+            f"| {g['calibration_seconds']:.0f} s{_split(g)} | {g['layer_error_nearest_median']:.4f} -> "
             f"{g['layer_error_calibrated_median']:.4f} (median x{g['layer_error_ratio_median']:.3f}) |"
         )
     return "\n".join(lines)

@@ -47,8 +47,11 @@ __all__ = [
     "Blockwise4bitQuantizer",
     "GPTQResult",
     "Int8Quantizer",
+    "Prepared",
     "gptq_quantize",
+    "inverse_cholesky",
     "output_error",
+    "prepare",
 ]
 
 DEFAULT_DAMP = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
@@ -311,7 +314,8 @@ def _output_errors(weight: np.ndarray, approxes: list[np.ndarray], hessian: np.n
     w = np.asarray(weight, dtype)
     rows = np.concatenate([w] + [w - np.asarray(a, dtype) for a in approxes])
     prod = rows @ np.asarray(hessian, dtype)
-    sq = np.einsum("ij,ij->i", prod.astype(np.float64), rows.astype(np.float64))
+    prod *= rows
+    sq = prod.sum(axis=1, dtype=np.float64)
     o = w.shape[0]
     den = float(sq[:o].sum())
     out = []
@@ -386,6 +390,25 @@ def _batches(groups: list[tuple[int, int]], k: int, batch: int) -> list[tuple[in
     return out
 
 
+@dataclass
+class Prepared:
+    """What GPTQ derives from a Hessian alone, shareable by the layers that read the same input."""
+
+    hessian: np.ndarray  # float32 [K, K] (the output errors)
+    perm: np.ndarray  # the column visiting order
+    factor: np.ndarray  # float32 upper Cholesky factor of the damped inverse Hessian, in ``perm`` order
+
+
+def prepare(hessian: np.ndarray, act_order: bool = False, damp: float = DEFAULT_DAMP) -> Prepared:
+    """The visiting order (by decreasing Hessian diagonal with ``act_order``) and the inverse factor."""
+    h = np.asarray(hessian)
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"hessian must be a square matrix, got shape {h.shape}")
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(h.shape[0])
+    factor = inverse_cholesky(h[np.ix_(perm, perm)] if act_order else h, damp).astype(np.float32)
+    return Prepared(np.asarray(h, np.float32), perm, factor)
+
+
 def gptq_quantize(
     weight: np.ndarray,
     hessian: np.ndarray,
@@ -394,12 +417,12 @@ def gptq_quantize(
     damp: float = DEFAULT_DAMP,
     batch: int = DEFAULT_BATCH,
     act_order: bool | None = None,
-    factor: np.ndarray | None = None,
+    prepared: Prepared | None = None,
 ) -> GPTQResult:
     """Choose ``quantizer``'s codes for ``weight`` [out, in] with GPTQ against ``hessian`` [in, in]
     (``X^T X`` of the layer's inputs, any positive scale). ``act_order`` (default: where the format
-    allows it) visits the columns by decreasing Hessian diagonal. ``factor``: ``inverse_cholesky(hessian,
-    damp)`` when the caller already has it (layers sharing an input), without act order."""
+    allows it) visits the columns by decreasing Hessian diagonal. ``prepared``: ``prepare(hessian,
+    act_order, damp)`` when the caller already has it (layers sharing an input)."""
     w0 = _checks.float_array(weight, "weight", ndim=2)
     h = np.asarray(hessian)
     k = w0.shape[1]
@@ -412,14 +435,11 @@ def gptq_quantize(
             "act_order needs scales that do not depend on the column order (int8); blockwise 4-bit "
             "formats tie their blocks to the column order"
         )
-    if act_order:
-        perm = np.argsort(-np.diag(h), kind="stable")
-        U = inverse_cholesky(h[np.ix_(perm, perm)], damp).astype(np.float32)
-    else:
-        perm = np.arange(k)
-        U = (factor if factor is not None else inverse_cholesky(h, damp)).astype(np.float32)
-        if U.shape != (k, k):
-            raise ValueError(f"factor must be [{k}, {k}], got {U.shape}")
+    if prepared is None:
+        prepared = prepare(h, act_order, damp)
+    perm, U = prepared.perm, prepared.factor
+    if U.shape != (k, k):
+        raise ValueError(f"prepared is for {U.shape[0]} inputs, the weight has {k}")
     W = np.array(w0[:, perm], dtype=np.float32)
     for i1, i2 in _batches(quantizer.groups(), k, batch):
         W1 = W[:, i1:i2].copy() if (i1, i2) != (0, k) else W
@@ -433,9 +453,9 @@ def gptq_quantize(
             q = quantizer.quantize(int(perm[col]), w)
             e = (w - q) / U[col, col]
             err1[:, i] = e
-            W1[:, i + 1 :] -= np.outer(e, U[col, col + 1 : i2])
+            W1[:, i + 1 :] -= e[:, None] * U[col, col + 1 : i2]
         if i2 < k:
             W[:, i2:] -= err1 @ U[i1:i2, i2:]
     deq = quantizer.dequantized()
-    err_nearest, err = _output_errors(np.asarray(w0, np.float32), [quantizer.nearest(), deq], h)
+    err_nearest, err = _output_errors(np.asarray(w0, np.float32), [quantizer.nearest(), deq], prepared.hessian)
     return GPTQResult(quantizer.result(), deq, err_nearest, err)
