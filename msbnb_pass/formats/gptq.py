@@ -56,6 +56,9 @@ __all__ = [
 
 DEFAULT_DAMP = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
 DEFAULT_BATCH = 128  # columns per lazy batch update
+# int4 (uniform levels): each block's scale is the best of its absmax times these (clipping the largest
+# values trades their error for a finer step on the rest); NF4/FP4 keep the absmax
+SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 _INV_127 = np.float32(7.874015718698502e-3)  # 1/127 as bitsandbytes writes it
 
 
@@ -133,6 +136,8 @@ class Blockwise4bitQuantizer(_Quantizer):
             self.nested = np.repeat(st.state2.absmax.astype(np.float32), NESTED_BLOCKSIZE)[: self.n_blocks]
         self._current: np.ndarray | None = None  # straddling blocks: the whole (updated in place) weight
         self._group: tuple = ()  # aligned blocks: the scales of the group being quantized
+        # the Hessian diagonal (set by gptq_quantize): int4 then picks each block's scale among clipped ones
+        self.importance: np.ndarray | None = None
         self._col_blocks = None
 
     def groups(self) -> list[tuple[int, int]]:
@@ -140,36 +145,73 @@ class Blockwise4bitQuantizer(_Quantizer):
             return [(g, g + self.blocksize) for g in range(0, self.in_features, self.blocksize)]
         return [(0, self.in_features)]  # straddling blocks: one batch over all columns, fixed lazily
 
-    def _stored_absmax(self, blocks: np.ndarray, absmax: np.ndarray) -> np.ndarray:
-        """The absmax as it will be stored: itself, or rounded onto the double-quantization grid."""
+    def _stored_absmax(self, blocks: np.ndarray, absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The absmax as it will be stored (itself, or rounded onto the double-quantization grid) and its
+        8-bit code (double quantization only)."""
         absmax = np.maximum(absmax.astype(np.float32), np.float32(1e-38))
         if not self.double_quant:
-            return absmax
+            return absmax, None
         nested = self.nested[blocks]
         with np.errstate(divide="ignore", invalid="ignore"):
             x = np.where(nested > 0, (absmax - self.dq_offset) / nested, 0.0).astype(np.float32)
         c = nearest_code(np.clip(x, -1.0, 1.0), self.dyn)
-        self.absmax_codes[blocks] = c
-        return self.dyn[c] * nested + self.dq_offset
+        return self.dyn[c] * nested + self.dq_offset, c
 
-    def _fix_blocks(self, blocks: np.ndarray, values: np.ndarray, valid: np.ndarray | None = None) -> None:
-        """Fix ``blocks`` from their current values ``[len(blocks), blocksize]`` (``valid`` masks a partial one)."""
+    def _uniform_error(self, values: np.ndarray, centre, scale: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Per row, the importance-weighted squared rounding error of int4's uniform levels at ``scale``."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv = np.where(scale > 0, np.float32(1.0) / scale, np.float32(0.0)).astype(np.float32)
+        scaled = np.clip((values - centre) * inv[:, None], -1.0, 1.0)
+        if self.symmetric:  # levels k/7, k in [-7, 7]
+            q = np.rint(scaled * np.float32(7.0)) / np.float32(7.0)
+        else:  # levels (2i - 15)/15, i in [0, 15]
+            q = np.rint((scaled + np.float32(1.0)) * np.float32(7.5)) * np.float32(2.0 / 15.0) - np.float32(1.0)
+        err = values - (q * scale[:, None] + centre)
+        return (err * err) @ weights
+
+    def _search_scale(self, blocks, values, centre, half, weights) -> tuple[np.ndarray, np.ndarray | None]:
+        """int4: the stored scale among ``half * shrink`` (shrink in SHRINKS) with the least weighted error."""
+        best, best_code = self._stored_absmax(blocks, half)
+        if weights is None or self.quant_type != "int4":
+            return best, best_code
+        best_err = self._uniform_error(values, centre, best, weights)
+        for shrink in SHRINKS[1:]:
+            cand, code = self._stored_absmax(blocks, half * np.float32(shrink))
+            err = self._uniform_error(values, centre, cand, weights)
+            better = err < best_err
+            best = np.where(better, cand, best)
+            best_err = np.where(better, err, best_err)
+            if code is not None:
+                best_code = np.where(better, code, best_code)
+        return best, best_code
+
+    def _fix_blocks(
+        self, blocks: np.ndarray, values: np.ndarray, valid: np.ndarray | None = None, weights: np.ndarray | None = None
+    ) -> None:
+        """Fix ``blocks`` from their current values ``[len(blocks), blocksize]`` (``valid`` masks a partial one).
+        With ``weights`` (the Hessian diagonal of the block's columns), int4 searches a clipping scale."""
         if self.symmetric:
             mag = np.abs(values) if valid is None else np.where(valid, np.abs(values), 0.0)
-            self.scale[blocks] = self._stored_absmax(blocks, mag.max(axis=1))
+            centre = np.float32(0.0)
+            half = mag.max(axis=1)
         else:
             lo = values.min(axis=1) if valid is None else np.where(valid, values, np.inf).min(axis=1)
             hi = values.max(axis=1) if valid is None else np.where(valid, values, -np.inf).max(axis=1)
             half = (hi - lo).astype(np.float32) * np.float32(0.5)
             self.offset[blocks] = (hi + lo).astype(np.float32) * np.float32(0.5)
-            self.scale[blocks] = self._stored_absmax(blocks, half)
+            centre = self.offset[blocks][:, None]
+        scale, code = self._search_scale(blocks, values, centre, half, weights)
+        self.scale[blocks] = scale
+        if code is not None:
+            self.absmax_codes[blocks] = code
         self.fixed[blocks] = True
 
     def fix(self, g0: int, current: np.ndarray) -> None:
         if self.aligned:
             nb = self.in_features // self.blocksize
             blocks = np.arange(self.out_features) * nb + g0 // self.blocksize
-            self._fix_blocks(blocks, current)
+            weights = None if self.importance is None else self.importance[g0 : g0 + self.blocksize]
+            self._fix_blocks(blocks, current, None, weights)
             self._group = self._scales_of(blocks)
         else:
             self._current = current  # the full weight, updated in place by the loop
@@ -441,6 +483,8 @@ def gptq_quantize(
     if U.shape != (k, k):
         raise ValueError(f"prepared is for {U.shape[0]} inputs, the weight has {k}")
     W = np.array(w0[:, perm], dtype=np.float32)
+    if isinstance(quantizer, Blockwise4bitQuantizer) and quantizer.aligned:
+        quantizer.importance = np.diag(prepared.hessian).astype(np.float32)
     for i1, i2 in _batches(quantizer.groups(), k, batch):
         W1 = W[:, i1:i2].copy() if (i1, i2) != (0, k) else W
         err1 = np.zeros_like(W1)
