@@ -150,8 +150,6 @@ class PassResult:
 def _capture_inputs(netgraph: NetGraph, net: nn.Cell, matches: list[Match], sample_inputs) -> tuple[dict, Any]:
     """Run the float network once on the sample inputs, recording each matched layer's input rows."""
     captured: dict[str, np.ndarray] = {}
-    handles = []
-    undo = Transaction()
 
     def keep(key: str, x) -> None:
         arr = x.asnumpy() if hasattr(x, "asnumpy") else np.asarray(x)
@@ -159,41 +157,16 @@ def _capture_inputs(netgraph: NetGraph, net: nn.Cell, matches: list[Match], samp
         prev = captured.get(key)
         captured[key] = rows if prev is None else np.concatenate([prev, rows])[: 4 * KERNEL_CHECK_ROWS]
 
-    for m in matches:
-        cand = m.candidate
-        if cand.level == "cell":
-            cell = netgraph.obj(cand.anchor)
-            handles.append(cell.register_forward_pre_hook(lambda c, args, key=cand.anchor: keep(key, args[0])))
-        else:
-            owner = netgraph.obj(cand.owner)
-            undo.set_attr(owner, cand.prim_attr, _Recorder(getattr(owner, cand.prim_attr), cand.anchor, keep))
-    try:
-        args = sample_inputs if isinstance(sample_inputs, (tuple, list)) else (sample_inputs,)
-        outputs = net(*args)
-    except Exception as exc:
-        raise PassError(
-            f"sample_inputs: running the network on them failed ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); the network is untouched"
-        ) from exc
-    finally:
-        for h in handles:
-            h.remove()
-        undo.rollback()
+    with calibrate.recording(netgraph, matches, keep):  # the hooks calibration records through, too
+        try:
+            args = sample_inputs if isinstance(sample_inputs, (tuple, list)) else (sample_inputs,)
+            outputs = net(*args)
+        except Exception as exc:
+            raise PassError(
+                f"sample_inputs: running the network on them failed ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); the network is untouched"
+            ) from exc
     return captured, outputs
-
-
-class _Recorder(nn.Cell):
-    """Temporarily stands in for a matmul primitive to record its activation operand (PyNative)."""
-
-    def __init__(self, prim, key, keep):
-        super().__init__()
-        self.prim = prim
-        self._key = key
-        self._keep = keep
-
-    def construct(self, x, w):
-        self._keep(self._key, x)
-        return self.prim(x, w)
 
 
 def _probe(cand, captured: dict, rng: np.random.Generator) -> tuple[np.ndarray, str]:
