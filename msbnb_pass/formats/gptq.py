@@ -17,6 +17,9 @@ How each format's scales are chosen (a column's codes are only chosen once its s
   already carrying the error pushed from the columns before it — at the moment its first column is
   quantized. Otherwise (blocks straddle rows) a block is fixed the first time any of its elements is
   quantized, from the current values of all its elements.
+  INT4's levels are uniform, so its block scale is also searched: the block's absmax times each of
+  ``SHRINKS``, keeping the one with the least rounding error weighted by the Hessian diagonal (clipping
+  the largest values buys a finer step for the rest). NF4/FP4 keep the absmax.
 * double quantization: bitsandbytes stores ``dyn[c] * nested_absmax + offset`` in place of each absmax.
   The offset and the nested absmax of each 256-block are taken from the round-to-nearest absmax of the
   original weight; each block's absmax is then rounded onto that grid *before* the block's codes are
