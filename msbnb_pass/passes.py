@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 from mindspore import Tensor, nn
 
-from . import kernels
+from . import calibrate, kernels
 from .config_rules import resolve_rules, skip_origins
 from .errors import PassError, QuantizationError, RewriteError, closest
 from .graph import NetGraph, build_graph
@@ -54,6 +55,11 @@ class Rewrite:
     bytes_after: int  # the quantized weight, statistics and bias that came in
     action: str = "quantized"  # or "kept_float" (verification or quantization failed, on_violation="keep_float")
     reason: str = ""  # why a layer was kept in float
+    rounding: str = "nearest"  # or "gptq" (calibrated)
+    # gptq only: relative output error ||X (W - Q)^T|| / ||X W^T|| on the calibration activations X, of
+    # round-to-nearest's codes ("before") and of the calibrated ones ("after")
+    error_nearest: float | None = None
+    error_calibrated: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -76,6 +82,9 @@ class PassResult:
     lora: list[str] = field(default_factory=list)  # layers given LoRA adapters (planned, in a dry run)
     lora_config: LoraConfig | None = None
     mixed: MixedPlan | None = None  # the accuracy-aware mode's choice (apply(..., error_budget=...))
+    # calibrated rounding: samples, rows (per layer, the most), seconds = collect_seconds (running the network
+    # over the samples, summing X^T X) + quantize_seconds (GPTQ)
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     @property
     def quantized(self) -> list[Rewrite]:
@@ -112,6 +121,15 @@ class PassResult:
         if self.kept:
             lines.append(f"kept {len(self.kept)} weight-holding layer(s) in full precision:")
             lines.extend(f"  {path or '<root>'}: {why}" for path, why in self.kept)
+        calibrated = [r for r in self.quantized if r.error_calibrated is not None]
+        if calibrated:
+            ratios = np.array([r.error_calibrated / r.error_nearest if r.error_nearest else 1.0 for r in calibrated])
+            c = self.calibration
+            lines.append(
+                f"calibrated rounding (gptq) on {len(calibrated)} layer(s), {c.get('samples', 0)} sample(s), "
+                f"{c.get('seconds', 0.0):.1f} s: output error vs round-to-nearest median {np.median(ratios):.3f}x "
+                f"(best {ratios.min():.3f}x, worst {ratios.max():.3f}x)"
+            )
         if self.report.layers:
             worst = max(self.report.layers, key=lambda c: c.metrics["relative_error"])
             lines.append(
@@ -140,6 +158,7 @@ class PassResult:
             "kept": [{"path": p, "reason": r} for p, r in self.kept],
             "lora": list(self.lora),
             "lora_config": self.lora_config.to_peft_dict() if self.lora_config is not None else None,
+            "calibration": dict(self.calibration),
             "graph_before": self.graph_before.summary(),
             "graph_after": self.graph_after.summary(),
             "rules": [dict(r) for r in self.rules],
@@ -158,8 +177,6 @@ class PassResult:
 def _capture_inputs(netgraph: NetGraph, net: nn.Cell, matches: list[Match], sample_inputs) -> tuple[dict, Any]:
     """Run the float network once on the sample inputs, recording each matched layer's input rows."""
     captured: dict[str, np.ndarray] = {}
-    handles = []
-    undo = Transaction()
 
     def keep(key: str, x) -> None:
         arr = x.asnumpy() if hasattr(x, "asnumpy") else np.asarray(x)
@@ -167,41 +184,16 @@ def _capture_inputs(netgraph: NetGraph, net: nn.Cell, matches: list[Match], samp
         prev = captured.get(key)
         captured[key] = rows if prev is None else np.concatenate([prev, rows])[: 4 * KERNEL_CHECK_ROWS]
 
-    for m in matches:
-        cand = m.candidate
-        if cand.level == "cell":
-            cell = netgraph.obj(cand.anchor)
-            handles.append(cell.register_forward_pre_hook(lambda c, args, key=cand.anchor: keep(key, args[0])))
-        else:
-            owner = netgraph.obj(cand.owner)
-            undo.set_attr(owner, cand.prim_attr, _Recorder(getattr(owner, cand.prim_attr), cand.anchor, keep))
-    try:
-        args = sample_inputs if isinstance(sample_inputs, (tuple, list)) else (sample_inputs,)
-        outputs = net(*args)
-    except Exception as exc:
-        raise PassError(
-            f"sample_inputs: running the network on them failed ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); the network is untouched"
-        ) from exc
-    finally:
-        for h in handles:
-            h.remove()
-        undo.rollback()
+    with calibrate.recording(netgraph, matches, keep):  # the hooks calibration records through, too
+        try:
+            args = sample_inputs if isinstance(sample_inputs, (tuple, list)) else (sample_inputs,)
+            outputs = net(*args)
+        except Exception as exc:
+            raise PassError(
+                f"sample_inputs: running the network on them failed ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); the network is untouched"
+            ) from exc
     return captured, outputs
-
-
-class _Recorder(nn.Cell):
-    """Temporarily stands in for a matmul primitive to record its activation operand (PyNative)."""
-
-    def __init__(self, prim, key, keep):
-        super().__init__()
-        self.prim = prim
-        self._key = key
-        self._keep = keep
-
-    def construct(self, x, w):
-        self._keep(self._key, x)
-        return self.prim(x, w)
 
 
 def _probe(cand, captured: dict, rng: np.random.Generator) -> tuple[np.ndarray, str]:
@@ -278,6 +270,7 @@ def apply(
     rules_or_config: Any,
     *,
     sample_inputs: Any = None,
+    calibration: Any = None,
     verify: bool = True,
     on_violation: str = "raise",
     dry_run: bool = False,
@@ -298,6 +291,11 @@ def apply(
             after the rules ran, in the same transaction (QLoRA in one pass).
         sample_inputs: a Tensor or tuple of Tensors the network accepts; each rewritten layer is then
             verified on the activations it really sees, and the whole network end to end.
+        calibration: an iterable of argument tuples for ``net(*args)`` (e.g. ``[(ids,), ...]``): the float
+            network runs over them and every matched layer's codes are chosen by GPTQ against its real
+            input activations instead of round-to-nearest, in the same storage format (a rule's
+            ``rewrite.rounding = "nearest"`` opts it out). The per-layer output error before/after is in
+            the result's rewrites and summary.
         verify: check every rewritten layer against its float original and its kernel against the
             reference while the float weight still exists.
         on_violation: "raise" (roll everything back and raise), "keep_float" (leave that layer in full
@@ -340,10 +338,16 @@ def apply(
             raise PassError("error_budget needs sample_inputs: the layers' sensitivity is measured on them")
         if dry_run:
             raise PassError("error_budget cannot be combined with dry_run (choosing formats runs the network)")
+        if calibration is not None:
+            raise PassError(
+                "error_budget cannot be combined with calibration yet (the accuracy-aware mode measures "
+                "round-to-nearest layers); run one of them"
+            )
     ruleset = resolve_rules(rules_or_config, allow_imports=allow_imports)
     # LoRA targets are checked on the network as it is (the rules keep every layer's path): a config
     # matching nothing fails here, before anything is rewritten
     lora_planned = lora_targets(net, lora_config) if lora_config is not None else []
+    samples = None if calibration is None else calibrate.check_samples(net, calibration)
     if backend is not None:
         if backend not in kernels.available_backends():
             raise PassError(f"backend must be one of {kernels.available_backends()}, got {backend!r}")
@@ -356,6 +360,7 @@ def apply(
         for r in ruleset
         if r.name in trace.unused_rules and not r.source.startswith("rules/")
     ]
+    calibrate.check_rules(matches, samples is not None)
     origins = skip_origins(rules_or_config)
     warnings += _names_matching_nothing(graph_before, ruleset, origins)
     for w in warnings:
@@ -409,6 +414,7 @@ def apply(
             origins,
             lora_config,
             budget,
+            samples,
         )
 
 
@@ -511,6 +517,7 @@ def _rewrite(
     origins,
     lora_config=None,
     budget=None,
+    samples=None,
 ) -> PassResult:
     captured, outputs_before = ({}, None)
     if sample_inputs is not None:
@@ -522,6 +529,15 @@ def _rewrite(
         matches, prebuilt, mixed_kept, mixed = choose_formats(
             net, graph_before, ruleset, matches, captured, sample_inputs, outputs_before, budget, on_violation
         )
+    cal = None
+    to_calibrate = [m for m in matches if calibrate.rounding_of(m.rule, samples is not None) == "gptq"]
+    if to_calibrate:
+        cal = calibrate.collect(graph_before, net, to_calibrate, samples)
+        factors = calibrate.FactorCache(
+            [cal.hessians[m.candidate.anchor] for m in to_calibrate if m.candidate.anchor in cal.hessians]
+        )
+        for key, rows in cal.probes.items():  # verify on real activations rather than synthetic ones
+            captured.setdefault(key, rows)
     rng = np.random.default_rng(seed)
     txn = Transaction()
     report = Report()
@@ -535,11 +551,30 @@ def _rewrite(
     try:
         for m in iterator:
             cand = m.candidate
+            rounding = calibrate.rounding_of(m.rule, samples is not None)
+            calibrated = None
             try:
                 view = linear_view(graph_before, cand)
-                layer = prebuilt.pop(cand.path, None)
-                if layer is None:
+                layer = prebuilt.pop(cand.path, None)  # built by the accuracy-aware mode
+                if layer is None and rounding == "gptq":
+                    if cand.anchor not in cal.hessians:
+                        raise PassError(
+                            f"{cand.path or '<root>'}: the network never ran this layer on the calibration samples, "
+                            "so its rounding cannot be calibrated"
+                        )
+                    t0 = time.perf_counter()
+                    layer, calibrated = calibrate.build_calibrated(
+                        view,
+                        cal.hessians[cand.anchor],
+                        m.rule.replacement.name,
+                        m.rule.replacement_params(),
+                        factors,
+                    )
+                    cal.quantize_seconds += time.perf_counter() - t0
+                elif layer is None:
                     layer = m.rule.replacement.build(view, **m.rule.replacement_params())
+            except PassError:
+                raise
             except QuantizationError as exc:
                 if on_violation != "keep_float":
                     raise RewriteError(
@@ -604,8 +639,13 @@ def _rewrite(
                     after,
                     action,
                     reason,
+                    rounding,
+                    None if calibrated is None else calibrated.error_nearest,
+                    None if calibrated is None else calibrated.error,
                 )
             )
+            if cal is not None:
+                cal.hessians.pop(cand.anchor, None)  # its memory goes with the layer
             del view
             release_memory(collect=False)  # the layer's quantization temporaries, before the next layer
             if action == "quantized":
@@ -641,6 +681,14 @@ def _rewrite(
         lora_config=lora_config,
         mixed=mixed,
     )
+    if cal is not None:
+        result.calibration = {
+            "samples": cal.samples,
+            "rows": max(cal.rows.values(), default=0),
+            "seconds": cal.seconds + cal.quantize_seconds,
+            "collect_seconds": cal.seconds,
+            "quantize_seconds": cal.quantize_seconds,
+        }
     release_memory()
     return result
 

@@ -25,6 +25,7 @@ from .formats.codebooks import QUANT_TYPES_4BIT
 
 BACKENDS = ("cpu", "reference")
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16", "int8")
+ROUNDINGS = ("nearest", "gptq")  # round-to-nearest, or GPTQ's calibrated codes (needs calibration samples)
 
 
 @dataclass
@@ -107,7 +108,12 @@ def _backend(value: Any) -> None:
         raise ValueError(f"rewrite.backend = {value!r} is not accepted; accepted: {list(BACKENDS)}")
 
 
+def _rounding(p: Mapping[str, Any]) -> None:
+    _one_of("rounding", p["rounding"], ROUNDINGS)
+
+
 def _validate_4bit(p: Mapping[str, Any]) -> None:
+    _rounding(p)
     _one_of("quant_type", p["quant_type"], QUANT_TYPES_4BIT)
     _one_of("blocksize", p["blocksize"], VALID_BLOCKSIZES)
     _bool("double_quant", p["double_quant"])
@@ -121,6 +127,7 @@ def _validate_4bit(p: Mapping[str, Any]) -> None:
 
 
 def _validate_8bit(p: Mapping[str, Any]) -> None:
+    _rounding(p)
     for key in ("symmetric", "per_channel", "has_fp16_weights"):
         _bool(key, p[key])
     _one_of("compute_dtype", p["compute_dtype"], COMPUTE_DTYPES)
@@ -130,6 +137,7 @@ def _validate_8bit(p: Mapping[str, Any]) -> None:
 
 
 def _validate_llm_int8(p: Mapping[str, Any]) -> None:
+    _rounding(p)
     t = p["threshold"]
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t >= 0 and math.isfinite(t)):
         raise ValueError(f"rewrite.threshold must be a finite number >= 0 (0 disables outliers), got {t!r}")
@@ -150,7 +158,11 @@ def _from_view(cls, view: LinearView, **kwargs):
     return cls.from_float(view.weight, view.bias, view.activation, view.path or None, **kwargs)
 
 
-def linear4bit(view: LinearView, quant_type, blocksize, double_quant, compute_dtype, symmetric, backend):
+# ``rounding`` is "nearest" here: the pass builds gptq-rounded layers itself (msbnb_pass.calibrate), since
+# they need the layer's calibration activations
+def linear4bit(
+    view: LinearView, quant_type, blocksize, double_quant, compute_dtype, symmetric, backend, rounding="nearest"
+):
     from .nn import Linear4bit
 
     return _from_view(
@@ -165,7 +177,9 @@ def linear4bit(view: LinearView, quant_type, blocksize, double_quant, compute_dt
     )
 
 
-def linear8bit(view: LinearView, symmetric, per_channel, has_fp16_weights, backend, compute_dtype="float32"):
+def linear8bit(
+    view: LinearView, symmetric, per_channel, has_fp16_weights, backend, compute_dtype="float32", rounding="nearest"
+):
     from .nn import Linear8bit
 
     return _from_view(
@@ -179,7 +193,7 @@ def linear8bit(view: LinearView, symmetric, per_channel, has_fp16_weights, backe
     )
 
 
-def linear8bitlt(view: LinearView, threshold, has_fp16_weights, backend):
+def linear8bitlt(view: LinearView, threshold, has_fp16_weights, backend, rounding="nearest"):
     from .nn import Linear8bitLt
 
     return _from_view(Linear8bitLt, view, threshold=threshold, has_fp16_weights=has_fp16_weights, backend=backend)
@@ -197,6 +211,7 @@ BUILTIN_REPLACEMENTS: Mapping[str, Replacement] = MappingProxyType(
                 "compute_dtype": "float32",
                 "symmetric": True,
                 "backend": None,
+                "rounding": "nearest",
             },
             _scheme_4bit,
             _validate_4bit,
@@ -210,6 +225,7 @@ BUILTIN_REPLACEMENTS: Mapping[str, Replacement] = MappingProxyType(
                 "has_fp16_weights": False,
                 "compute_dtype": "float32",
                 "backend": None,
+                "rounding": "nearest",
             },
             _scheme_8bit,
             _validate_8bit,
@@ -217,7 +233,7 @@ BUILTIN_REPLACEMENTS: Mapping[str, Replacement] = MappingProxyType(
         "linear8bitlt": Replacement(
             "linear8bitlt",
             linear8bitlt,
-            {"threshold": 6.0, "has_fp16_weights": False, "backend": None},
+            {"threshold": 6.0, "has_fp16_weights": False, "backend": None, "rounding": "nearest"},
             _fixed_scheme("llm_int8"),
             _validate_llm_int8,
         ),

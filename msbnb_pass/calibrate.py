@@ -1,0 +1,341 @@
+"""Calibrated rounding in the pass: ``apply(net, rules, calibration=samples)``.
+
+The float network runs over the calibration samples (argument tuples for ``net(*args)``) while every
+matched layer's input rows are folded into ``X^T X`` (the GPTQ Hessian, up to scale); each layer is then
+quantized by :mod:`msbnb_pass.formats.gptq` with its format's own quantizer, and its cell is built from
+the resulting arrays through the ordinary constructor, so the parameters, state dicts and checkpoints
+are exactly those of a round-to-nearest cell (only the codes differ).
+
+A rule chooses its rounding with ``rewrite.rounding``: ``"nearest"`` (bitsandbytes' round-to-nearest, the
+default) or ``"gptq"`` (needs calibration samples). Passing ``calibration=`` turns every matched rule
+that does not say ``rounding = "nearest"`` explicitly to ``"gptq"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from mindspore import Tensor, nn
+
+from .errors import PassError
+from .formats import gptq as _gptq
+from .replacements import BUILTIN_REPLACEMENTS, LinearView
+
+logger = logging.getLogger(__name__)
+
+ROUNDINGS = ("nearest", "gptq")
+CALIBRATED_REPLACEMENTS = ("linear4bit", "linear8bit", "linear8bitlt")
+
+
+@dataclass
+class Calibration:
+    """What the calibration run saw: per matched layer ``X^T X`` (float64) and the row count."""
+
+    samples: int = 0
+    hessians: dict[str, np.ndarray] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+    probes: dict[str, np.ndarray] = field(default_factory=dict)  # a few real input rows per layer (verification)
+    seconds: float = 0.0  # running the network and summing X^T X
+    quantize_seconds: float = 0.0  # GPTQ over all layers
+
+
+# ---- the argument ----------------------------------------------------------------------------------------------
+def _describe(value: Any) -> str:
+    if isinstance(value, (Tensor, np.ndarray)):
+        return f"a {type(value).__name__} of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"[:120]
+
+
+def check_samples(net: nn.Cell, calibration: Any) -> list[tuple]:
+    """The calibration samples as a list of argument tuples, or a PassError saying what is wrong."""
+    if isinstance(calibration, (Tensor, np.ndarray, str, bytes)) or not isinstance(calibration, Iterable):
+        raise PassError(
+            f"calibration must be an iterable of argument tuples for net(*args), e.g. [(input_ids,), ...]; got "
+            f"{_describe(calibration)}"
+            + (" (wrap a single input as [(x,)])" if isinstance(calibration, (Tensor, np.ndarray)) else "")
+        )
+    samples = []
+    for i, s in enumerate(calibration):
+        args = tuple(s) if isinstance(s, (tuple, list)) else (s,)
+        bad = next((a for a in args if not isinstance(a, (Tensor, np.ndarray, int, float, bool))), None)
+        if not args or bad is not None:
+            raise PassError(
+                f"calibration sample {i} must be a tuple of the network's inputs (Tensors), got "
+                f"{_describe(s) if not args else 'an argument that is ' + _describe(bad)}"
+            )
+        samples.append(tuple(Tensor(a) if isinstance(a, np.ndarray) else a for a in args))
+    if not samples:
+        raise PassError("calibration is empty: it needs at least one sample (an argument tuple for net(*args))")
+    try:
+        sig = inspect.signature(net.construct)
+    except (TypeError, ValueError):  # pragma: no cover - construct without a signature
+        sig = None
+    for i, args in enumerate(samples):
+        if sig is not None:
+            try:
+                sig.bind(*args)
+            except TypeError as exc:
+                params = ", ".join(sig.parameters)
+                raise PassError(
+                    f"calibration sample {i} has {len(args)} argument(s), but {type(net).__name__}.construct"
+                    f"({params}) does not accept them: {exc}"
+                ) from None
+        if len(args) != len(samples[0]):
+            raise PassError(
+                f"calibration sample {i} has {len(args)} argument(s), sample 0 has {len(samples[0])}; every "
+                "sample must be an argument tuple of the same arity"
+            )
+    return samples
+
+
+def rounding_of(rule: Any, calibrated: bool) -> str:
+    """The rounding a matched rule gets: its explicit ``rewrite.rounding``, else gptq when calibrating."""
+    explicit = rule.rewrite.get("rounding")
+    if explicit is not None:
+        return explicit
+    return "gptq" if calibrated else "nearest"
+
+
+def check_rules(matches: list, calibrated: bool) -> None:
+    """Refuse gptq rounding without samples, and calibration for a replacement that cannot use it."""
+    for m in matches:
+        rule = m.rule
+        rounding = rounding_of(rule, calibrated)
+        if rounding != "gptq":
+            continue
+        if not calibrated:
+            raise PassError(
+                f"{rule.origin('rounding')}: rewrite.rounding = 'gptq' needs calibration samples: "
+                "apply(net, rules, calibration=[(x,), ...])"
+            )
+        repl = rule.replacement
+        name = repl.name
+        params = rule.replacement_params()
+        if BUILTIN_REPLACEMENTS.get(name) is not repl:
+            raise PassError(
+                f"{rule.origin()}: replacement {name!r} cannot use calibration (calibrated rounding is built for "
+                f"{list(CALIBRATED_REPLACEMENTS)}); quantize its layers in an apply() call without calibration"
+            )
+        if params.get("has_fp16_weights"):
+            raise PassError(
+                f"{rule.origin()}: has_fp16_weights = true keeps a float weight, so there are no codes to "
+                "calibrate; set rewrite.rounding = 'nearest' on this rule or has_fp16_weights = false"
+            )
+
+
+# ---- recording the activations -----------------------------------------------------------------------------------
+class _Recorder(nn.Cell):
+    """Temporarily stands in for a matmul primitive to record its activation operand (PyNative)."""
+
+    def __init__(self, prim, key, keep):
+        super().__init__()
+        self.prim = prim
+        self._key = key
+        self._keep = keep
+
+    def construct(self, x, w):
+        self._keep(self._key, x)
+        return self.prim(x, w)
+
+
+@contextlib.contextmanager
+def recording(netgraph, matches: list, keep) -> Iterator[None]:
+    """While inside, ``keep(anchor, x)`` sees the input of every matched layer when the network runs."""
+    from .rewrite import Transaction
+
+    handles = []
+    undo = Transaction()
+    try:
+        for m in matches:
+            cand = m.candidate
+            if cand.level == "cell":
+                cell = netgraph.obj(cand.anchor)
+                handles.append(cell.register_forward_pre_hook(lambda c, args, key=cand.anchor: keep(key, args[0])))
+            else:
+                owner = netgraph.obj(cand.owner)
+                undo.set_attr(owner, cand.prim_attr, _Recorder(getattr(owner, cand.prim_attr), cand.anchor, keep))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        undo.rollback()
+
+
+class _Stop(Exception):
+    """Raised by the recorder once a sample has reached every matched layer: the rest is not needed."""
+
+
+def collect(netgraph, net: nn.Cell, matches: list, samples: list[tuple], probe_rows: int = 32) -> Calibration:
+    """Run the float network over ``samples``, summing ``X^T X`` of each matched layer's input rows.
+
+    Layers that read the same input tensor (q/k/v, gate/up) share one sum, computed once per call (the
+    sharing seen on the first sample is checked on every call; if a later sample breaks it, the run is
+    repeated with one sum per layer). After the first sample, a sample stops as soon as it has reached the
+    last matched layer (an output head after it is not computed).
+    """
+    import time
+
+    t0 = time.perf_counter()
+    cal = _collect(netgraph, net, matches, samples, probe_rows, share=True)
+    if cal is None:
+        logger.info("calibration: layers share inputs differently across samples; recording one sum per layer")
+        cal = _collect(netgraph, net, matches, samples, probe_rows, share=False)
+    cal.seconds = time.perf_counter() - t0
+    return cal
+
+
+def _collect(netgraph, net, matches, samples, probe_rows, share: bool) -> Calibration | None:
+    cal = Calibration(samples=len(samples))
+    root: dict[str, str] = {}  # layer -> the layer whose sum it shares (itself when it owns one)
+    state = {"x": None, "xtx": None, "rows": None, "key": None, "calls": [], "first": [], "ok": True, "n": 0}
+
+    def keep(key: str, x) -> None:
+        same = x is state["x"]
+        if not same:
+            arr = x.asnumpy() if hasattr(x, "asnumpy") else np.asarray(x)
+            rows = np.ascontiguousarray(arr.reshape(-1, arr.shape[-1]), dtype=np.float32)
+            state.update(x=x, rows=rows, xtx=np.dot(rows.T, rows))  # np.dot runs X^T X as a rank-k update
+        rows = state["rows"]
+        if key not in root:  # first call of this layer: does it share the previous layer's input?
+            root[key] = root[state["key"]] if (share and same and state["key"] is not None) else key
+            if root[key] == key:
+                cal.hessians[key] = np.zeros((rows.shape[1], rows.shape[1]), np.float64)
+            else:
+                cal.hessians[key] = cal.hessians[root[key]]
+            cal.probes[key] = rows[:probe_rows].copy()
+        elif root[key] != key and not (same and root[state["key"]] == root[key]):
+            state["ok"] = False  # the sharing seen on the first sample does not hold here
+        if root[key] == key:
+            cal.hessians[key] += state["xtx"]
+        cal.rows[key] = cal.rows.get(key, 0) + rows.shape[0]
+        state["key"] = key
+        calls = state["calls"]
+        calls.append(key)
+        first = state["first"]
+        if state["n"] > 0 and len(calls) == len(first) and calls == first:
+            raise _Stop  # this sample has reached every matched layer the first one did
+
+    with recording(netgraph, matches, keep):
+        for i, args in enumerate(samples):
+            state.update(x=None, xtx=None, rows=None, key=None, calls=[], n=i)
+            try:
+                net(*args)
+            except _Stop:
+                pass
+            except Exception as exc:
+                if not isinstance(exc.__cause__ or exc.__context__, _Stop):  # the stop, wrapped by MindSpore
+                    raise PassError(
+                        f"calibration sample {i}: running the network on it failed ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); the network is untouched"
+                    ) from exc
+            if i == 0:
+                state["first"] = list(state["calls"])
+            if not state["ok"]:
+                return None
+    state.update(x=None, xtx=None, rows=None)
+    return cal
+
+
+# ---- quantizing one layer -----------------------------------------------------------------------------------------
+def quantizer_for(name: str, params: dict, weight: np.ndarray):
+    """The GPTQ quantizer of a built-in replacement's format."""
+    if name == "linear4bit":
+        return _gptq.Blockwise4bitQuantizer(
+            weight, params["quant_type"], params["blocksize"], params["double_quant"], params["symmetric"]
+        )
+    if name == "linear8bitlt":
+        return _gptq.Int8Quantizer(weight, "llm_int8")
+    if name == "linear8bit":
+        return _gptq.Int8Quantizer(weight, "int8", params["symmetric"], params["per_channel"])
+    raise PassError(f"replacement {name!r} has no calibrated rounding")  # pragma: no cover - check_rules refuses it
+
+
+class FactorCache:
+    """GPTQ's per-Hessian work (:func:`formats.gptq.prepare`), done once for the layers that share a Hessian
+    (q/k/v, gate/up) and dropped when the last of them is quantized."""
+
+    def __init__(self, hessians: list[np.ndarray]):
+        self._users: dict[int, int] = {}
+        for h in hessians:
+            self._users[id(h)] = self._users.get(id(h), 0) + 1
+        self._prepared: dict[tuple[int, bool], _gptq.Prepared] = {}
+
+    def get(self, hessian: np.ndarray, act_order: bool) -> _gptq.Prepared:
+        key = (id(hessian), act_order)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            prepared = self._prepared[key] = _gptq.prepare(hessian, act_order)
+        left = self._users.get(id(hessian), 1) - 1
+        self._users[id(hessian)] = left
+        if left <= 0:
+            for k in [k for k in self._prepared if k[0] == id(hessian)]:
+                del self._prepared[k]
+        return prepared
+
+
+def build_calibrated(
+    view: LinearView, hessian: np.ndarray, name: str, params: dict, cache: FactorCache | None = None
+) -> tuple[nn.Cell, _gptq.GPTQResult]:
+    """The quantized cell of ``view`` with GPTQ-chosen codes, built by the cell's ordinary constructor."""
+    from .nn import Linear4bit, Linear8bit, Linear8bitLt
+
+    quantizer = quantizer_for(name, params, view.weight)
+    act_order = quantizer.column_free
+    prepared = None if cache is None else cache.get(hessian, act_order)
+    result = _gptq.gptq_quantize(view.weight, hessian, quantizer, act_order=act_order, prepared=prepared)
+    a = result.arrays
+    out_f, in_f = view.weight.shape
+    has_bias = view.bias is not None
+    layer_name = view.path or None
+    if name == "linear4bit":
+        layer = Linear4bit(
+            in_f,
+            out_f,
+            has_bias,
+            params["quant_type"],
+            params["blocksize"],
+            params["double_quant"],
+            params["compute_dtype"],
+            symmetric=params["symmetric"],
+            quant_state=a["quant_state"],
+            packed=a["packed"],
+            bias_value=view.bias,
+            backend=params["backend"],
+            layer_name=layer_name,
+        )
+    elif name == "linear8bitlt":
+        layer = Linear8bitLt(
+            in_f,
+            out_f,
+            has_bias,
+            False,
+            params["threshold"],
+            CB=a["CB"],
+            SCB=a["SCB"],
+            bias_value=view.bias,
+            backend=params["backend"],
+            layer_name=layer_name,
+        )
+    else:
+        layer = Linear8bit(
+            in_f,
+            out_f,
+            has_bias,
+            True,
+            params["symmetric"],
+            params["per_channel"],
+            weight=view.weight,
+            bias_value=view.bias,
+            compute_dtype=params["compute_dtype"],
+            backend=params["backend"],
+            layer_name=layer_name,
+        )
+        layer._set_quantized(a["q"], a["scale"], a["offset"])
+    layer._set_activation(view.activation)
+    return layer, result
