@@ -221,3 +221,15 @@ def test_calibration_refused_for_rules_that_cannot_use_it():
         "['linear4bit', 'linear8bit', 'linear8bitlt']); quantize its layers in an apply() call without calibration"
     )
     _assert_untouched(net, before)
+
+
+def test_error_budget_and_calibration_are_refused_together():
+    net = zoo.make_llama()
+    before = _params(net)
+    with pytest.raises(PassError) as exc:
+        mb.apply(net, "nf4", sample_inputs=(ids(0),), error_budget=0.02, calibration=CALIBRATION[:1])
+    assert str(exc.value) == (
+        "error_budget cannot be combined with calibration yet (the accuracy-aware mode measures "
+        "round-to-nearest layers); run one of them"
+    )
+    _assert_untouched(net, before)
