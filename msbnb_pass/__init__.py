@@ -76,6 +76,7 @@ _EXPORTS = {
     "print_lora_info": "lora",
     "merge_lora": "lora",
     "unmerge_lora": "lora",
+    "merge_and_unload": "lora",
     "save_lora_adapters": "lora",
     "load_lora_adapters": "lora",
     "prepare_model_for_kbit_training": "lora",

@@ -697,6 +697,29 @@ def unmerge_lora(model: nn.Cell) -> dict[str, dict[str, float]]:
     return report
 
 
+def merge_and_unload(model: nn.Cell) -> dict[str, dict[str, float]]:
+    """peft's ``merge_and_unload``: fold every adapter into its base (``merge_lora``, unless already merged)
+    and put each base layer back in place of its LoRA wrapper, so that the network is a plain (quantized
+    or float) network again. Returns ``merge_lora``'s per-layer report (empty when it was merged before).
+    Parameters are renamed to their tree paths; ``model.lora_config`` is removed."""
+    from .rewrite import _cell_at, _set_child
+
+    layers = lora_layers(model)
+    if not layers:
+        raise LoraError("merge_and_unload: the model has no LoRA layers")
+    states = {layer.merged for layer in layers.values()}
+    if len(states) > 1:
+        raise LoraError("merge_and_unload: some LoRA layers are merged and some are not; merge or unmerge all first")
+    report = {} if states == {True} else merge_lora(model)
+    for path, layer in layers.items():
+        parent_path, _, attr = path.rpartition(".")
+        _set_child(_cell_at(model, parent_path), attr, layer.base_layer)
+    if "lora_config" in model.__dict__:
+        del model.__dict__["lora_config"]
+    _rename(model)
+    return report
+
+
 # ---- adapters on disk (peft's layout) ----------------------------------------------------------------------
 def _config_of(model: nn.Cell, layers: dict[str, LoraLayer]) -> LoraConfig:
     cfg = getattr(model, "lora_config", None)

@@ -161,7 +161,9 @@ def test_qlora_model_merge_save_load(ms_cpu, tmp_path):
     trainable = sorted(p.name for p in net.trainable_params())
     assert trainable == sorted(f"{p}.lora_{ab}.weight" for p in layers for ab in "AB")
     rng = np.random.default_rng(1)
-    for lay in layers.values():
+    for lay in layers.values():  # both factors seeded (lora_A's own initialisation is MindSpore's, unseeded)
+        a = lay.lora_A.weight
+        a.set_data(Tensor(rng.uniform(-1, 1, a.shape).astype(np.float32) / np.sqrt(a.shape[1])))
         lay.lora_B.weight.set_data(Tensor(0.05 * rng.standard_normal(lay.lora_B.weight.shape).astype(np.float32)))
     ids = Tensor(rng.integers(0, 64, (2, 8)).astype(np.int32))
     y0 = net(ids).asnumpy()
@@ -209,7 +211,7 @@ def test_qlora_model_merge_save_load(ms_cpu, tmp_path):
         save_lora_adapters(net, tmp_path / "again")
     y_merged = net(ids).asnumpy()
     rel = np.linalg.norm(y_merged - y0) / np.linalg.norm(y0)
-    assert rel < 0.2, rel
+    assert rel < 0.2, rel  # 0.121 with these seeds: the re-quantized merged weights carry NF4-level error
     unmerge_lora(net)
     with pytest.raises(MsbnbError, match="not merged"):
         unmerge_lora(net)
@@ -352,3 +354,32 @@ def test_prepare_model_for_kbit_training_upcasts_and_recomputes(ms_cpu):
     assert not net.trainable_params()
     with pytest.raises(MsbnbError, match="checkpoint_blocks"):
         prepare_model_for_kbit_training(net, checkpoint_blocks=["nope"])
+
+
+def test_merge_and_unload_gives_a_plain_quantized_network(ms_cpu):
+    from mindspore import Tensor
+
+    import msbnb_pass as mb
+    from msbnb_pass.lora import LoraError, LoraLayer
+
+    net = mb.get_qlora_model(_llama(), mb.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    rng = np.random.default_rng(3)
+    for layer in mb.lora.lora_layers(net).values():
+        b = layer.lora_B.weight
+        b.set_data(Tensor(0.05 * rng.standard_normal(b.shape).astype(np.float32)))
+    ids = Tensor(rng.integers(0, 64, (2, 8)).astype(np.int32))
+    assert len(mb.merge_lora(net)) == 4
+    y_merged = net(ids).asnumpy()
+    assert mb.merge_and_unload(net) == {}  # already merged: only unwraps, the output is the same bits
+    assert np.array_equal(net(ids).asnumpy(), y_merged)
+    assert not any(isinstance(c, LoraLayer) for _, c in net.cells_and_names())
+    assert sum(isinstance(c, mb.Linear4bit) for _, c in net.cells_and_names()) == 14
+    names = [n for n, _ in net.parameters_and_names()]
+    assert not any("lora_" in n or "base_layer" in n for n in names)
+    assert "model.layers.0.self_attn.q_proj.weight" in names and not hasattr(net, "lora_config")
+    # not merged yet: merges (the report of merge_lora), then unwraps
+    fresh = mb.get_qlora_model(_llama(), mb.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"]))
+    assert set(mb.merge_and_unload(fresh)) == {"model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"}
+    assert not any(isinstance(c, LoraLayer) for _, c in fresh.cells_and_names())
+    with pytest.raises(LoraError, match="merge_and_unload: the model has no LoRA layers"):
+        mb.merge_and_unload(net)
