@@ -261,14 +261,15 @@ class LoraLayer(nn.Cell):
         self.use_dropout = dropout > 0.0
         self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
         self.merged = False
+        self._merged_b: np.ndarray | None = None  # lora_B's values while merged (the parameter holds zeros)
         if freeze_base:
             for p in base_layer.get_parameters():
                 p.requires_grad = False
 
     def construct(self, x):
+        # no branch on ``merged``: a graph compiled before a merge would keep the branch it saw. While
+        # merged, lora_B holds zeros (its values wait in ``_merged_b``), so the adapter adds exactly 0.
         y = self.base_layer(x)
-        if self.merged:
-            return y
         h = x
         if self.use_dropout:
             h = self.lora_dropout(h)
@@ -279,8 +280,19 @@ class LoraLayer(nn.Cell):
     def delta_weight(self) -> np.ndarray:
         """``B @ A * scaling`` as float32 ``[out, in]`` (float64 product, rounded once)."""
         a = self.lora_A.weight.asnumpy().astype(np.float64)
-        b = self.lora_B.weight.asnumpy().astype(np.float64)
+        b = (self._merged_b if self.merged else self.lora_B.weight.asnumpy()).astype(np.float64)
         return (b @ a * self.scaling).astype(np.float32)
+
+    def _set_merged(self, merged: bool) -> None:
+        """Mark the adapter folded into the base (lora_B's values set aside, zeros in the parameter) or not."""
+        b = self.lora_B.weight
+        if merged and not self.merged:
+            self._merged_b = b.asnumpy().copy()
+            b.set_data(Tensor(np.zeros(b.shape, np.float32)))
+        elif not merged and self.merged:
+            b.set_data(Tensor(self._merged_b))
+            self._merged_b = None
+        self.merged = merged
 
     def extend_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
@@ -673,7 +685,7 @@ def merge_lora(model: nn.Cell) -> dict[str, dict[str, float]]:
         d = layer.delta_weight()
         target = (w.astype(np.float64) + d).astype(np.float32)
         err = _write_base(layer.base_layer, target)
-        layer.merged = True
+        layer._set_merged(True)
         report[path] = {"requant_error": err, "delta_norm": float(np.linalg.norm(d) / max(np.linalg.norm(w), 1e-30))}
         logger.info("merged %s: re-quantization error %.3e (delta %.3e)", path, err, report[path]["delta_norm"])
     return report
@@ -692,7 +704,7 @@ def unmerge_lora(model: nn.Cell) -> dict[str, dict[str, float]]:
         d = layer.delta_weight()
         target = (w.astype(np.float64) - d).astype(np.float32)
         err = _write_base(layer.base_layer, target)
-        layer.merged = False
+        layer._set_merged(False)
         report[path] = {"requant_error": err, "delta_norm": float(np.linalg.norm(d) / max(np.linalg.norm(w), 1e-30))}
     return report
 

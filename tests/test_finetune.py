@@ -160,7 +160,7 @@ def test_finetune_command_qlora_tiny_llama(graph_mode, tiny_checkpoint, tmp_path
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["task_type"] == "CAUSAL_LM"
 
 
-def test_finetune_command_errors(tiny_checkpoint, tmp_path, capsys):
+def test_finetune_command_errors(graph_mode, tiny_checkpoint, tmp_path, capsys):
     from msbnb_pass.cli import main
 
     model_dir, data = tiny_checkpoint

@@ -383,3 +383,37 @@ def test_merge_and_unload_gives_a_plain_quantized_network(ms_cpu):
     assert not any(isinstance(c, LoraLayer) for _, c in fresh.cells_and_names())
     with pytest.raises(LoraError, match="merge_and_unload: the model has no LoRA layers"):
         mb.merge_and_unload(net)
+
+
+def test_merge_and_unmerge_after_a_graph_mode_run(ms_cpu):
+    """A graph compiled before merging must not keep adding the adapter (regression: the merged branch was
+    a Python flag baked into the compiled graph, so the delta counted twice)."""
+    import mindspore as ms
+    from mindspore import Tensor, nn
+
+    from msbnb_pass import LoRALinear, merge_lora, unmerge_lora
+
+    class Net(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.fc = LoRALinear(32, 16, r=4, lora_alpha=8)
+
+        def construct(self, x):
+            return self.fc(x)
+
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        net = Net()
+        rng = np.random.default_rng(4)
+        net.fc.lora_B.weight.set_data(Tensor(rng.standard_normal((16, 4)).astype(np.float32)))
+        x = rng.standard_normal((3, 32)).astype(np.float32)
+        w0, b = net.fc.base_layer.weight.asnumpy().copy(), net.fc.base_layer.bias.asnumpy()
+        w = w0 + net.fc.delta_weight()
+        assert_matmul_close(net(Tensor(x)).asnumpy(), x, w, b)  # compiled with the adapter live
+        merge_lora(net)
+        assert_matmul_close(net(Tensor(x)).asnumpy(), x, w, b)  # merged: the same function, not W + 2 dW
+        unmerge_lora(net)
+        assert_matmul_close(net(Tensor(x)).asnumpy(), x, w, b)
+    finally:
+        ms.set_context(mode=mode)
