@@ -400,21 +400,21 @@ def apply(
     with _pynative():
         return _rewrite(
             net,
-            ruleset,
-            graph_before,
-            matches,
-            trace,
-            warnings,
-            sample_inputs,
-            verify,
-            on_violation,
-            bounds,
-            progress,
-            seed,
-            origins,
-            lora_config,
-            budget,
-            samples,
+            ruleset=ruleset,
+            graph_before=graph_before,
+            matches=matches,
+            trace=trace,
+            warnings=warnings,
+            sample_inputs=sample_inputs,
+            verify=verify,
+            on_violation=on_violation,
+            bounds=bounds,
+            progress=progress,
+            seed=seed,
+            origins=origins,
+            lora_config=lora_config,
+            budget=budget,
+            samples=samples,
         )
 
 
@@ -503,6 +503,7 @@ def _pynative():
 
 def _rewrite(
     net,
+    *,
     ruleset,
     graph_before,
     matches,
