@@ -16,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import mindspore as ms
 import numpy as np
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from .errors import PassError
 from .formats import gptq as _gptq
@@ -171,23 +172,180 @@ class _Stop(Exception):
     """Raised by the recorder once a sample has reached every matched layer: the rest is not needed."""
 
 
-def collect(netgraph, net: nn.Cell, matches: list, samples: list[tuple], probe_rows: int = 32) -> Calibration:
+def collect(
+    netgraph, net: nn.Cell, matches: list, samples: list[tuple], probe_rows: int = 32, compiled: bool = True
+) -> Calibration:
     """Run the float network over ``samples``, summing ``X^T X`` of each matched layer's input rows.
 
-    Layers that read the same input tensor (q/k/v, gate/up) share one sum, computed once per call (the
-    sharing seen on the first sample is checked on every call; if a later sample breaks it, the run is
-    repeated with one sum per layer). After the first sample, a sample stops as soon as it has reached the
-    last matched layer (an output head after it is not computed).
+    By default the network runs compiled (``mindspore.jit``) with every matched layer wrapped so that its
+    input's ``X^T X`` is accumulated into a float32 Parameter inside the graph: an order of magnitude faster
+    than running op by op (SmolLM2-135M: ~0.6 s per 256-token sample compiled against ~6 s in PyNative).
+    Layers whose sums come out bit-identical (q/k/v, gate/up: the same input tensor) then share one
+    Hessian. A network that cannot be compiled falls back to the op-by-op recording below (logged).
+
+    The op-by-op recording (``compiled=False``) folds each call's rows into float64 sums through hooks;
+    layers that read the same input tensor share one sum, computed once per call (the sharing seen on the
+    first sample is checked on every call; if a later sample breaks it, the run is repeated with one sum
+    per layer). After the first sample, a sample stops as soon as it has reached the last matched layer.
     """
     import time
 
     t0 = time.perf_counter()
-    cal = _collect(netgraph, net, matches, samples, probe_rows, share=True)
+    cal = None
+    if compiled:
+        try:
+            cal = _collect_compiled(netgraph, net, matches, samples, probe_rows)
+        except Exception as exc:  # a construct MindSpore cannot compile, or a sample it rejects
+            logger.info(
+                "calibration: the network did not run compiled (%s: %s); recording op by op instead",
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
+    if cal is None:
+        cal = _collect(netgraph, net, matches, samples, probe_rows, share=True)
     if cal is None:
         logger.info("calibration: layers share inputs differently across samples; recording one sum per layer")
         cal = _collect(netgraph, net, matches, samples, probe_rows, share=False)
     cal.seconds = time.perf_counter() - t0
     return cal
+
+
+class _GramAccumulator(nn.Cell):
+    """Adds ``X^T X`` of its input rows to a float32 Parameter and keeps the first ``probe_rows`` rows of
+    the latest call, inside a compiled graph. Each side effect costs compile and run time, so there are two:
+    the rows get a column of ones, which makes the row count the sum's last diagonal element (exact below
+    2^24 rows) and marks the valid rows of a probe padded with zeros."""
+
+    def __init__(self, in_features: int, probe_rows: int, name: str):
+        from mindspore import Parameter
+
+        super().__init__()
+        self.in_features = in_features
+        self.probe_rows = probe_rows
+        k1 = in_features + 1
+        # unique names: a compiled graph refuses two Parameters of one name
+        self.gram = Parameter(Tensor(np.zeros((k1, k1), np.float32)), f"{name}.gram", False)
+        self.probe = Parameter(Tensor(np.zeros((probe_rows, k1), np.float32)), f"{name}.probe", False)
+        self.gram_product = ops.MatMul(transpose_a=True)
+
+    def construct(self, x):
+        rows = ops.cast(x.reshape(-1, self.in_features), ms.float32)
+        n = rows.shape[0]
+        rows = ops.cat((rows, ops.ones((n, 1), ms.float32)), 1)
+        ops.assign_add(self.gram, self.gram_product(rows, rows))
+        if n >= self.probe_rows:
+            ops.assign(self.probe, rows[: self.probe_rows])
+        else:
+            ops.assign(self.probe, ops.cat((rows, ops.zeros((self.probe_rows - n, self.in_features + 1), ms.float32))))
+        return x
+
+    def results(self) -> tuple[np.ndarray, int, np.ndarray]:
+        """(``X^T X`` float32, the row count, the probe rows)."""
+        gram = self.gram.asnumpy()
+        k = self.in_features
+        probe = self.probe.asnumpy()
+        return gram[:k, :k], int(round(float(gram[k, k]))), probe[probe[:, k] == 1.0, :k].copy()
+
+
+class _RecordingLayer(nn.Cell):
+    """A matched Linear-like cell with its input recorded first."""
+
+    def __init__(self, inner: nn.Cell, record: _GramAccumulator):
+        super().__init__(auto_prefix=False)  # the recorder's Parameters keep their unique names
+        self.inner = inner
+        self.record = record
+
+    def construct(self, x, *args):
+        return self.inner(self.record(x), *args)
+
+
+class _RecordingMatmul(nn.Cell):
+    """A matched matmul primitive with its activation operand recorded first."""
+
+    def __init__(self, prim, record: _GramAccumulator):
+        super().__init__(auto_prefix=False)  # the recorder's Parameters keep their unique names
+        self.prim = prim
+        self.record = record
+
+    def construct(self, x, w):
+        return self.prim(self.record(x), w)
+
+
+class _Runner(nn.Cell):
+    """Runs ``net`` compiled. A network compiled earlier keeps its graph (keyed by the Cell and its
+    creation time, not by its children), so the recorders need a Cell of their own to be compiled in."""
+
+    def __init__(self, net: nn.Cell):
+        super().__init__(auto_prefix=False)  # the network's parameter names stay as they are
+        self.net = net
+        self._run = ms.jit(self.construct)
+
+    def construct(self, *args):
+        return self.net(*args)
+
+    def __call__(self, *args):
+        return self._run(*args)
+
+
+def _swap_child(parent: nn.Cell, attr: str, new: nn.Cell) -> Callable[[], None]:
+    """Put ``new`` in ``parent``'s child slot (or primitive attribute) ``attr`` without renaming any
+    Parameter (``Cell.__setattr__`` would prefix every parameter below it); returns the undo."""
+    cells = parent._cells
+    if attr in cells:
+        old = cells[attr]
+        cells[attr] = new
+        return lambda: cells.__setitem__(attr, old)
+    prim = parent.__dict__.pop(attr)  # a primitive attribute: the child slot shadows nothing now
+    cells[attr] = new
+
+    def undo() -> None:
+        del cells[attr]
+        parent.__dict__[attr] = prim
+
+    return undo
+
+
+def _collect_compiled(netgraph, net, matches, samples, probe_rows) -> Calibration:
+    from .rewrite import _cell_at
+
+    records: dict[str, _GramAccumulator] = {}
+    undo: list[Callable[[], None]] = []
+    try:
+        for i, m in enumerate(matches):
+            cand = m.candidate
+            rec = records[cand.anchor] = _GramAccumulator(int(cand.in_features), probe_rows, f"msbnb_calibration_{i}")
+            if cand.level == "cell":
+                cell = netgraph.obj(cand.anchor)
+                for path in netgraph.node(cand.anchor)["paths"]:
+                    if not path:
+                        raise PassError("the network itself is a matched layer")  # recorded op by op instead
+                    parent_path, _, attr = path.rpartition(".")
+                    undo.append(_swap_child(_cell_at(net, parent_path), attr, _RecordingLayer(cell, rec)))
+            else:
+                owner = netgraph.obj(cand.owner)
+                undo.append(_swap_child(owner, cand.prim_attr, _RecordingMatmul(getattr(owner, cand.prim_attr), rec)))
+        runner = _Runner(net)  # a fresh Cell: MindSpore keys compiled graphs by the Cell, not its children
+        for args in samples:
+            runner(*args)
+        del runner  # its compiled graph (which holds the recorders) goes with it
+        cal = Calibration(samples=len(samples))
+        by_digest: dict[bytes, list[tuple[np.ndarray, str]]] = {}
+        for key, rec in records.items():
+            gram, rows, probe = rec.results()
+            if rows == 0:
+                continue  # never ran: the pass reports it
+            digest = (gram.shape[0], float(gram.trace()), float(gram[0].sum()))
+            same = next((h for h, g in by_digest.get(digest, []) if np.array_equal(g, gram)), None)
+            if same is None:  # the first layer with this sum owns it; identical sums (same input) share it
+                same = gram.astype(np.float64)
+                by_digest.setdefault(digest, []).append((same, gram))
+            cal.hessians[key] = same
+            cal.rows[key] = rows
+            cal.probes[key] = probe
+        return cal
+    finally:
+        for fn in reversed(undo):
+            fn()
 
 
 def _collect(netgraph, net, matches, samples, probe_rows, share: bool) -> Calibration | None:

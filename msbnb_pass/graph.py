@@ -403,6 +403,7 @@ def build_graph(net: Any) -> NetGraph:
             continue
         reads: dict[str, int] = {}  # self.<attr> reads in the source (a weight read twice cannot move)
         call_sites: dict[str, int] = {}  # self.<attr>(...) call sites (a primitive shared by two calls)
+        call_nodes: list[str] = []  # this cell's call nodes
         for mname, info in methods.items():
             for k, v in info.attr_reads.items():
                 reads[k] = reads.get(k, 0) + v
@@ -434,6 +435,7 @@ def build_graph(net: Any) -> NetGraph:
                     continue  # only functional calls that read a parameter matter for rewriting
                 nid = f"{cid}::{mname}:{site.lineno}:{site.func}#{index}"
                 site_nodes[index] = nid
+                call_nodes.append(nid)
                 g.add_node(
                     nid,
                     kind="call",
@@ -464,10 +466,7 @@ def build_graph(net: Any) -> NetGraph:
         g.nodes[cid]["call_sites"] = call_sites
         # a primitive attribute called at several places: number the call nodes so each path is unique
         seen: dict[str, int] = {}
-        for nid in sorted(
-            (n for n in g.nodes if g.nodes[n].get("kind") == "call" and g.nodes[n]["owner"] == cid),
-            key=lambda n: g.nodes[n]["lineno"],
-        ):
+        for nid in sorted(call_nodes, key=lambda n: g.nodes[n]["lineno"]):
             attr = g.nodes[nid]["attr"]
             if attr and call_sites.get(attr, 0) > 1:
                 g.nodes[nid]["path"] = f"{join(cid, attr)}[{seen.get(attr, 0)}]"

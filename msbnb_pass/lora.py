@@ -446,7 +446,7 @@ def add_lora(net: nn.Cell, config: LoraConfig, transaction: Any = None) -> list[
     ``transaction``: a ``rewrite.Transaction`` to record the edits in (the pass gives its own, so that a
     later failure rolls the adapters back with everything else); the parameter names are then left to the
     caller's renaming."""
-    from .rewrite import _cell_at, _set_child
+    from .rewrite import _cell_at, _set_child, forget_compiled_graphs
 
     targets = _linear_targets(net, config)
     flags = [(p, p.requires_grad) for _, p in net.parameters_and_names()]
@@ -471,6 +471,7 @@ def add_lora(net: nn.Cell, config: LoraConfig, transaction: Any = None) -> list[
     freeze_model_except_lora(net)
     if transaction is None:
         _rename(net)
+        forget_compiled_graphs(net)  # in a transaction the pass does this once, at its end
     elif "lora_config" in net.__dict__:
         old = net.__dict__["lora_config"]
         transaction.undo.append(lambda: setattr(net, "lora_config", old))
@@ -714,7 +715,7 @@ def merge_and_unload(model: nn.Cell) -> dict[str, dict[str, float]]:
     and put each base layer back in place of its LoRA wrapper, so that the network is a plain (quantized
     or float) network again. Returns ``merge_lora``'s per-layer report (empty when it was merged before).
     Parameters are renamed to their tree paths; ``model.lora_config`` is removed."""
-    from .rewrite import _cell_at, _set_child
+    from .rewrite import _cell_at, _set_child, forget_compiled_graphs
 
     layers = lora_layers(model)
     if not layers:
@@ -729,6 +730,7 @@ def merge_and_unload(model: nn.Cell) -> dict[str, dict[str, float]]:
     if "lora_config" in model.__dict__:
         del model.__dict__["lora_config"]
     _rename(model)
+    forget_compiled_graphs(model)
     return report
 
 

@@ -28,7 +28,7 @@ from .lora import LoraConfig, add_lora, lora_targets, split_lora_spec
 from .match import Match, MatchTrace, find_matches
 from .memory import release_memory
 from .mixed import ErrorBudget, MixedPlan, as_budget, choose_formats
-from .rewrite import Transaction, apply_match, linear_view, rename_parameters
+from .rewrite import Transaction, apply_match, forget_compiled_graphs, linear_view, rename_parameters
 from .rules import RuleSet, name_matches
 from .verify import VIOLATION_ACTIONS, Bound, LayerCheck, Report, bound_for, compare_outputs, fp32_worst_ratio, metrics
 
@@ -38,6 +38,7 @@ __all__ = ["ErrorBudget", "PassError", "PassResult", "Rewrite", "apply", "explai
 
 PROBE_ROWS = 8  # synthetic probe rows per layer
 KERNEL_CHECK_ROWS = 64  # output rows compared against the reference computation
+TRIM_BYTES = 64 << 20  # float weight bytes quantized between two malloc_trim calls
 
 
 @dataclass
@@ -550,6 +551,7 @@ def _rewrite(
 
         iterator = tqdm(matches, desc="msbnb_pass", unit="layer")
     try:
+        untrimmed = 0
         for m in iterator:
             cand = m.candidate
             rounding = calibrate.rounding_of(m.rule, samples is not None)
@@ -647,8 +649,13 @@ def _rewrite(
             )
             if cal is not None:
                 cal.hessians.pop(cand.anchor, None)  # its memory goes with the layer
+            # hand the layers' quantization temporaries back before the next ones, once they add up to
+            # TRIM_BYTES (a trim costs tens of ms: per layer on a large model, every few dozen on a small one)
+            untrimmed += view.weight.nbytes
             del view
-            release_memory(collect=False)  # the layer's quantization temporaries, before the next layer
+            if untrimmed >= TRIM_BYTES:
+                release_memory(collect=False)
+                untrimmed = 0
             if action == "quantized":
                 try:
                     apply_match(txn, graph_before, net, m, layer)
@@ -658,11 +665,13 @@ def _rewrite(
                     raise RewriteError(f"{cand.path or '<root>'}: rewrite failed: {type(exc).__name__}: {exc}") from exc
         lora = add_lora(net, lora_config, transaction=txn) if lora_config is not None else []
         rename_parameters(txn, net)
+        forget_compiled_graphs(net)  # GRAPH_MODE: the next call compiles the rewritten network
         if sample_inputs is not None:
             args = sample_inputs if isinstance(sample_inputs, (tuple, list)) else (sample_inputs,)
             report.end_to_end = compare_outputs(outputs_before, net(*args))
     except BaseException:
         txn.rollback()
+        forget_compiled_graphs(net)
         raise
     txn.commit()
     graph_after = build_graph(net)

@@ -436,6 +436,9 @@ def dequantize_model(net: nn.Cell) -> nn.Cell:
         else:
             setattr(parent, attr, dense)
     name_parameters(net)
+    from .rewrite import forget_compiled_graphs
+
+    forget_compiled_graphs(net)  # GRAPH_MODE: the next call compiles the float network
     info: LoadInfo | None = getattr(net, "checkpoint_info", None)
     if info is not None:
         info.quantized_layers = []

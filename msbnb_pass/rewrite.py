@@ -17,6 +17,7 @@ memory is released.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,6 +106,27 @@ class Transaction:
 
     def commit(self) -> None:
         self.undo.clear()
+
+
+def forget_compiled_graphs(net: nn.Cell) -> None:
+    """Make MindSpore compile ``net`` (and every cell in it) afresh on its next call.
+
+    MindSpore keys a compiled graph by the Cell and its creation time, not by its children: a network run
+    in GRAPH_MODE (or through ``jit``) before its layers were swapped would keep running its old graph,
+    with the old layers and their weights alive. Every cell gets a new creation time, and the graphs
+    compiled so far are released."""
+    from mindspore.graph.api import _cell_graph_executor
+
+    stamp = time.time_ns()
+    for i, (_, cell) in enumerate(net.cells_and_names()):
+        phases = getattr(cell, "_compile_cache", None)
+        if phases:
+            try:
+                _cell_graph_executor.del_net_res(cell, set(phases))
+            except Exception as exc:  # pragma: no cover - the new creation time alone forces a recompile
+                logger.debug("releasing the compiled graphs of %s failed: %s", type(cell).__name__, exc)
+            phases.clear()
+        object.__setattr__(cell, "_create_time", stamp + i)
 
 
 def _get_child(parent: nn.Cell, attr: str):

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mindspore import Tensor
+from mindspore import Tensor, nn
 
 import msbnb_pass as mb
+from msbnb_pass import calibrate
 from msbnb_pass.errors import PassError, RuleError
+from msbnb_pass.match import find_matches
+from msbnb_pass.passes import build_graph
 from msbnb_pass.pretrained import state_dict
 from msbnb_pass.rules import Rule, RuleSet
 
 from . import zoo
+from .bounds import matmul_bound
 
 
 def ids(seed: int, batch: int = 2, t: int = 16) -> Tensor:
@@ -233,3 +237,74 @@ def test_error_budget_and_calibration_are_refused_together():
         "round-to-nearest layers); run one of them"
     )
     _assert_untouched(net, before)
+
+
+def _collect(net, compiled: bool):
+    graph = build_graph(net)
+    matches, _ = find_matches(graph, RuleSet.builtin("nf4"))
+    return calibrate.collect(graph, net, matches, CALIBRATION, compiled=compiled)
+
+
+def _assert_gram_close(h: np.ndarray, x: np.ndarray, what: str) -> None:
+    """``h`` against the float64 ``X^T X``: float32 products summed per sample, then over the samples."""
+    ref = x.T @ x
+    bound = matmul_bound(x.T, x.T, extra=len(CALIBRATION))
+    err = np.abs(h - ref)
+    assert (err <= bound).all(), f"{what}: worst {float((err / bound).max()):.2f}x the float32 bound"
+
+
+def test_calibration_runs_compiled_and_shares_the_sums_of_one_input(caplog):
+    """The default collection runs the network under jit with recorders summing X^T X in the graph: the
+    sums equal float64 X^T X of independently captured inputs within float32's bound, layers reading one
+    tensor (q/k/v, gate/up) share a Hessian, and the network comes back unchanged (layers, names, outputs)."""
+    net = zoo.make_llama()
+    names = [p.name for p in net.get_parameters()]
+    y0 = net(HELD_OUT).asnumpy()
+    with caplog.at_level("INFO", logger="msbnb_pass.calibrate"):
+        cal = _collect(net, compiled=True)
+    assert "op by op" not in caplog.text
+    assert cal.samples == 6 and set(cal.rows.values()) == {6 * 32}
+    h = cal.hessians
+    for layer in (0, 1):
+        attn = f"layers.{layer}.self_attn::construct:"
+        q, k, v, o = (
+            next(key for key in h if key.startswith(attn) and key.endswith(f"mm_{p}#{i}"))
+            for p, i in (("q", 1), ("k", 2), ("v", 3), ("o", 8))
+        )
+        mlp = f"layers.{layer}.mlp."
+        assert h[q] is h[k] is h[v] and h[o] is not h[q]
+        assert h[mlp + "gate_proj"] is h[mlp + "up_proj"] and h[mlp + "down_proj"] is not h[mlp + "up_proj"]
+    assert len({id(m) for m in h.values()}) == 8
+    ref_net = zoo.make_llama()
+    for path in ("layers.1.mlp.down_proj", "layers.0.mlp.gate_proj"):
+        x = _inputs_of(ref_net, path, CALIBRATION)
+        _assert_gram_close(h[path], x, path)
+        last = x[-32:].astype(np.float32)  # the probe rows: the first rows of the last sample
+        np.testing.assert_array_equal(cal.probes[path], last)
+    assert [p.name for p in net.get_parameters()] == names
+    assert not any(type(c).__name__.startswith("_Recording") for _, c in net.cells_and_names())
+    np.testing.assert_array_equal(net(HELD_OUT).asnumpy(), y0)
+
+
+class _Uncompilable(nn.Cell):
+    """Runs in PyNative, not under jit (MindSpore's graph syntax has no try statement)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = zoo.make_llama()
+
+    def construct(self, ids):
+        try:
+            return self.inner(ids)
+        except ValueError:
+            return None
+
+
+def test_a_network_that_does_not_compile_is_recorded_op_by_op(caplog):
+    net = _Uncompilable()
+    with caplog.at_level("INFO", logger="msbnb_pass.calibrate"):
+        cal = _collect(net, compiled=True)
+    assert "did not run compiled" in caplog.text and "recording op by op instead" in caplog.text
+    x = _inputs_of(zoo.make_llama(), "layers.1.mlp.down_proj", CALIBRATION)
+    _assert_gram_close(cal.hessians["inner.layers.1.mlp.down_proj"], x, "op by op")
+    np.testing.assert_array_equal(cal.probes["inner.layers.1.mlp.down_proj"], x[:32].astype(np.float32))

@@ -78,6 +78,27 @@ def test_family_rewrites_the_zoo_and_compiles(graph_mode, family, name):
     assert names == [n for n, _ in net.parameters_and_names()]
 
 
+def test_a_network_compiled_before_the_pass_runs_its_rewritten_layers(graph_mode):
+    """MindSpore keys compiled graphs by the Cell, not its children: without forget_compiled_graphs, a
+    network run in GRAPH_MODE before apply() kept running its float graph afterwards (silently)."""
+    graph_mode.set_context(mode=graph_mode.GRAPH_MODE)
+    net = zoo.make_llama()
+    y_float = net(ids()).asnumpy()
+    mb.apply(net, "nf4", verify=False)
+    y_graph = net(ids()).asnumpy()
+    graph_mode.set_context(mode=graph_mode.PYNATIVE_MODE)
+    y_pynative = net(ids()).asnumpy()
+    assert_network_close(y_graph, y_pynative, n_terms=CHAIN["llama"], what="GRAPH_MODE after the pass vs PyNative")
+    assert np.abs(y_float - y_pynative).max() > 100 * np.abs(y_graph - y_pynative).max()  # not the float graph
+    # and back: dequantize_model swaps the layers again, the compiled network follows
+    graph_mode.set_context(mode=graph_mode.GRAPH_MODE)
+    mb.dequantize_model(net)
+    y_deq = net(ids()).asnumpy()
+    graph_mode.set_context(mode=graph_mode.PYNATIVE_MODE)
+    assert_network_close(y_deq, net(ids()).asnumpy(), n_terms=CHAIN["llama"], what="dequantized, GRAPH_MODE")
+    assert not any(isinstance(c, mb.Linear4bit) for _, c in net.cells_and_names())
+
+
 def test_jit_and_memory_of_the_rewritten_llama(ms_cpu):
     net = zoo.make_llama()
     before = mb.get_model_size(net)["total_bytes"]

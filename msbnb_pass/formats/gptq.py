@@ -406,19 +406,14 @@ def inverse_cholesky(h: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
 
 
 def _lower_inverse(m: np.ndarray) -> np.ndarray:
-    """Inverse of a lower-triangular matrix by 2x2 blocks, ``[[A, 0], [C, D]]^-1 = [[A^-1, 0],
-    [-D^-1 C A^-1, D^-1]]``: K^3/3 multiply-adds in matrix products (a general inverse costs ~4x that)."""
-    k = m.shape[0]
-    if k <= 128:
-        return np.tril(np.linalg.inv(m))
-    half = k // 2
-    a_inv = _lower_inverse(m[:half, :half])
-    d_inv = _lower_inverse(m[half:, half:])
-    out = np.zeros_like(m)
-    out[:half, :half] = a_inv
-    out[half:, half:] = d_inv
-    out[half:, :half] = -(d_inv @ (m[half:, :half] @ a_inv))
-    return out
+    """Inverse of a lower-triangular matrix (LAPACK ``dtrtri``: K^3/3 multiply-adds; a general inverse
+    costs ~4x that)."""
+    from scipy.linalg import lapack
+
+    inv, info = lapack.dtrtri(m, lower=1)
+    if info != 0:  # pragma: no cover - the Cholesky factor of a positive definite matrix has no zero pivot
+        raise np.linalg.LinAlgError(f"triangular inverse failed (LAPACK dtrtri info {info})")
+    return np.tril(inv)
 
 
 def _batches(groups: list[tuple[int, int]], k: int, batch: int) -> list[tuple[int, int]]:
@@ -485,24 +480,31 @@ def gptq_quantize(
     perm, U = prepared.perm, prepared.factor
     if U.shape != (k, k):
         raise ValueError(f"prepared is for {U.shape[0]} inputs, the weight has {k}")
-    W = np.array(w0[:, perm], dtype=np.float32)
+    # the weight transposed, [in, out]: each input column is a contiguous row, so the per-column work
+    # (quantize one column, push its error onto the rest of the batch) runs on contiguous memory
+    WT = np.array(w0[:, perm].T, dtype=np.float32, order="C")
     if isinstance(quantizer, Blockwise4bitQuantizer) and quantizer.aligned:
         quantizer.importance = np.diag(prepared.hessian).astype(np.float32)
-    for i1, i2 in _batches(quantizer.groups(), k, batch):
-        W1 = W[:, i1:i2].copy() if (i1, i2) != (0, k) else W
-        err1 = np.zeros_like(W1)
-        starts = {g0: g1 for g0, g1 in quantizer.groups() if i1 <= g0 < i2}
+    groups = quantizer.groups()
+    diag = U.diagonal().copy()
+    order = perm.tolist()
+    for i1, i2 in _batches(groups, k, batch):
+        W1 = WT[i1:i2]  # a view: updated in place
+        err1 = np.empty_like(W1)
+        starts = {g0: g1 for g0, g1 in groups if i1 <= g0 < i2}
         for i in range(i2 - i1):
             col = i1 + i
             if col in starts:
-                quantizer.fix(col, W1[:, i : i + starts[col] - col])
-            w = W1[:, i]
-            q = quantizer.quantize(int(perm[col]), w)
-            e = (w - q) / U[col, col]
-            err1[:, i] = e
-            W1[:, i + 1 :] -= e[:, None] * U[col, col + 1 : i2]
+                quantizer.fix(col, W1[i : i + starts[col] - col].T)
+            w = W1[i]
+            q = quantizer.quantize(order[col], w)
+            e = err1[i]
+            np.subtract(w, q, out=e)
+            e /= diag[col]
+            if i + 1 < i2 - i1:
+                W1[i + 1 :] -= U[col, col + 1 : i2, None] * e
         if i2 < k:
-            W[:, i2:] -= err1 @ U[i1:i2, i2:]
+            WT[i2:] -= U[i1:i2, i2:].T @ err1
     deq = quantizer.dequantized()
     err_nearest, err = _output_errors(np.asarray(w0, np.float32), [quantizer.nearest(), deq], prepared.hessian)
     return GPTQResult(quantizer.result(), deq, err_nearest, err)
