@@ -405,7 +405,12 @@ def quantizer_for(name: str, params: dict, weight: np.ndarray):
     """The GPTQ quantizer of a built-in replacement's format."""
     if name == "linear4bit":
         return _gptq.Blockwise4bitQuantizer(
-            weight, params["quant_type"], params["blocksize"], params["double_quant"], params["symmetric"]
+            weight,
+            params["quant_type"],
+            params["blocksize"],
+            params["double_quant"],
+            params["symmetric"],
+            static_groups=True,  # scales from the original weight, columns by decreasing Hessian diagonal
         )
     if name == "linear8bitlt":
         return _gptq.Int8Quantizer(weight, "llm_int8")

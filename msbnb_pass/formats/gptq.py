@@ -106,6 +106,7 @@ class Blockwise4bitQuantizer(_Quantizer):
         blocksize: int = 64,
         double_quant: bool = False,
         symmetric: bool = True,
+        static_groups: bool = False,
     ):
         if quant_type not in QUANT_TYPES_4BIT:
             raise ValueError(f"quant_type must be one of {QUANT_TYPES_4BIT}, got {quant_type!r}")
@@ -142,8 +143,36 @@ class Blockwise4bitQuantizer(_Quantizer):
         # the Hessian diagonal (set by gptq_quantize): int4 then picks each block's scale among clipped ones
         self.importance: np.ndarray | None = None
         self._col_blocks = None
+        # static groups: every block's scale is fixed up front from the original weight, so the columns may
+        # be visited in any order (act order)
+        self.static_groups = bool(static_groups)
+        self.column_free = self.static_groups
+        self._static: dict[int, tuple] | None = None
+
+    def _fix_static(self) -> None:
+        """Fix every block from the original weight (int4: scale search weighted by the Hessian diagonal)."""
+        self._static = {}
+        if not self.aligned:  # blocks straddle rows: all at once, each element weighted by its column's diagonal
+            blocks = np.arange(self.n_blocks)
+            idx = blocks[:, None] * self.blocksize + np.arange(self.blocksize)[None, :]
+            valid = idx < self.n
+            idx = np.minimum(idx, self.n - 1)
+            weights = None
+            if self.importance is not None:
+                weights = np.where(valid, self.importance[idx % self.in_features], np.float32(0.0))
+            self._fix_blocks(blocks, self.weight.reshape(-1)[idx], None if valid.all() else valid, weights)
+            return
+        nb = self.in_features // self.blocksize
+        rows = np.arange(self.out_features) * nb
+        for g in range(nb):
+            c0, c1 = g * self.blocksize, (g + 1) * self.blocksize
+            weights = None if self.importance is None else self.importance[c0:c1]
+            self._fix_blocks(rows + g, self.weight[:, c0:c1], None, weights)
+            self._static[g] = self._scales_of(rows + g)
 
     def groups(self) -> list[tuple[int, int]]:
+        if self.static_groups:
+            return []
         if self.aligned:
             return [(g, g + self.blocksize) for g in range(0, self.in_features, self.blocksize)]
         return [(0, self.in_features)]  # straddling blocks: one batch over all columns, fixed lazily
@@ -170,6 +199,8 @@ class Blockwise4bitQuantizer(_Quantizer):
         else:  # levels (2i - 15)/15, i in [0, 15]
             q = np.rint((scaled + np.float32(1.0)) * np.float32(7.5)) * np.float32(2.0 / 15.0) - np.float32(1.0)
         err = values - (q * scale[:, None] + centre)
+        if weights.ndim == 2:  # per block (blocks straddling rows): each element its column's weight
+            return (err * err * weights).sum(axis=1)
         return (err * err) @ weights
 
     def _search_scale(self, blocks, values, centre, half, weights) -> tuple[np.ndarray, np.ndarray | None]:
@@ -240,7 +271,16 @@ class Blockwise4bitQuantizer(_Quantizer):
         return scale, inv, None if self.offset is None else self.offset[blocks]
 
     def quantize(self, col: int, w: np.ndarray) -> np.ndarray:
-        scale, inv, off = self._group if self.aligned else self._scales_of(self._fix_straddling(col))
+        if self.static_groups:
+            if self._static is None:
+                self._fix_static()
+            if self.aligned:
+                scale, inv, off = self._static[col // self.blocksize]
+            else:
+                rows = np.arange(self.out_features, dtype=np.int64)
+                scale, inv, off = self._scales_of((rows * self.in_features + col) // self.blocksize)
+        else:
+            scale, inv, off = self._group if self.aligned else self._scales_of(self._fix_straddling(col))
         scaled = (w if off is None else w - off) * inv
         np.clip(scaled, -1.0, 1.0, out=scaled)
         # nearest code: a value exactly on a midpoint goes to the lower code (as in nearest_code)
