@@ -6,6 +6,7 @@ Run by hand (not a test); it takes several minutes:
     python tools/bench_kernels.py --quick                # one shape, M in {1, 32}
     python tools/bench_kernels.py --bnb-python /path/to/venv/bin/python   # + bitsandbytes in the same run
     python tools/bench_kernels.py --sections stack,small  # only the decode-style sections
+    python tools/bench_kernels.py --sections small --variants fp32,nf4_dq --profile /tmp/prof  # + where the time goes
 
 Three sections, each timing every variant the way users run it (compiled under ``ms.jit``, several layers
 per call) with fp32 ``nn.Dense`` in the same run:
@@ -229,6 +230,11 @@ def smol_linears(variant: str, rng: np.random.Generator):
 def time_smol_forward(blocks, head, x, reps: int) -> float:
     """Median seconds of one jit call running every linear of a T = 1 forward (attention and norms left out:
     q/k/v/o and gate/up/down are fed from the running hidden state so each layer's input depends on the last)."""
+    return median_call_seconds(smol_forward_net(blocks, head), x, reps)
+
+
+def smol_forward_net(blocks, head):
+    """The cell :func:`time_smol_forward` times."""
     from mindspore import nn
 
     class Block(nn.Cell):
@@ -252,7 +258,74 @@ def time_smol_forward(blocks, head, x, reps: int) -> float:
                 hs = block(hs)
             return self.head(hs)
 
-    return median_call_seconds(Linears(), x, reps)
+    return Linears()
+
+
+def profile_small(variants, reps: int, rng, out_dir: str) -> list[dict]:
+    """Where the time of the ``small`` forward goes, from MindSpore's profiler (per-op start and duration
+    on the host): per op type the count and time per forward, and the idle gaps between consecutive ops
+    (the graph executor's dispatch cost), split by the kind of op before the gap."""
+    import glob
+    from collections import defaultdict
+
+    from mindspore import Tensor
+    from mindspore.profiler import Profiler
+
+    x = Tensor(rng.standard_normal((1, SMOL["hidden"]), dtype=np.float32))
+    rows = []
+    for variant in variants:
+        blocks, head = smol_linears(variant, rng)
+        run = jit_runner(smol_forward_net(blocks, head))
+        for _ in range(3):
+            run(x).asnumpy()
+        path = Path(out_dir) / variant
+        prof = Profiler(output_path=str(path))
+        start = time.perf_counter()
+        for _ in range(reps):
+            run(x).asnumpy()
+        wall = (time.perf_counter() - start) / reps
+        prof.stop()
+        prof.analyse()
+        files = glob.glob(str(path / "*" / "FRAMEWORK" / "cpu_op_execute_timestamp_0.txt"))
+        events = []  # (start us, duration us, op type)
+        for line in Path(max(files, key=os.path.getmtime)).read_text().splitlines():
+            name, _, rest = line.split(";", 2)
+            for tok in rest.split():
+                t0, dur, _ = tok.split(",")
+                events.append((int(t0) / 1e3, float(dur) * 1e3, name.rsplit("/", 1)[-1].split("-")[0]))
+        events.sort()
+        by_type, gaps = defaultdict(list), defaultdict(list)
+        for a, b in zip(events, events[1:], strict=False):
+            gap = b[0] - (a[0] + a[1])
+            if 0 <= gap < 1000:  # within one call
+                gaps[a[2]].append(gap)
+        for _, dur, op in events:
+            by_type[op].append(dur)
+        row = {"section": "profile", "variant": variant, "ms_per_forward": wall * 1e3, "ops": {}, "gaps": {}}
+        print(f"profile {variant}: {wall * 1e3:.2f} ms per forward (profiled, {reps} calls)", flush=True)
+        for op, d in sorted(by_type.items()):
+            d = np.asarray(d)
+            row["ops"][op] = {
+                "per_forward": len(d) / reps,
+                "median_us": float(np.median(d)),
+                "mean_us": float(d.mean()),
+                "ms_per_forward": float(d.sum()) / reps / 1e3,
+            }
+            print(
+                f"  {op:<10} {len(d) / reps:5.0f} per forward, median {np.median(d):6.1f} us, mean {d.mean():6.1f} "
+                f"us, {d.sum() / reps / 1e3:6.2f} ms per forward",
+                flush=True,
+            )
+        for op, g in sorted(gaps.items()):
+            g = np.asarray(g)
+            row["gaps"][op] = {"median_us": float(np.median(g)), "ms_per_forward": float(g.sum()) / reps / 1e3}
+            print(
+                f"  gap after {op:<10} median {np.median(g):6.1f} us, {g.sum() / reps / 1e3:6.2f} ms per forward",
+                flush=True,
+            )
+        rows.append(row)
+        del blocks, head, run
+    return rows
 
 
 def print_row(row: dict) -> None:
@@ -385,6 +458,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--interleave", action="store_true", help="time all variants in rounds; ratio = median per-round ratio"
     )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="profile the small section with MindSpore's profiler (output under DIR): op times and dispatch gaps",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
 
@@ -431,6 +509,8 @@ def main(argv=None) -> int:
         rows += run_stack(variants, 4096, args.stack_layers, stack_m, args.reps, rng)
     if "small" in sections:
         rows += run_small(variants, args.reps, rng)
+    if args.profile:
+        rows += profile_small(variants, args.reps, rng, args.profile)
     for K, N in shapes if "wide" in sections else []:
         layer_sets = {}
         for variant in variants:
