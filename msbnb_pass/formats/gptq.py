@@ -11,9 +11,13 @@ for NF4/FP4 and LLM.int8()).
 
 How each format's scales are chosen (a column's codes are only chosen once its scale is fixed):
 
-* blockwise 4-bit (NF4/FP4/INT4, ``blocksize`` elements of the row-major flattened weight per absmax):
-  when ``in_features`` is a multiple of the blocksize, a block is ``blocksize`` consecutive columns of one
-  row; its absmax (or, asymmetric int4, its [min, max]) is taken from the block's *current* weights —
+* blockwise 4-bit (NF4/FP4/INT4, ``blocksize`` elements of the row-major flattened weight per absmax),
+  ``static_groups=True`` (what the pass uses): every block's absmax (or [min, max]) is taken from the
+  original weight before the loop, so the columns may be visited in any order and are visited by
+  decreasing Hessian diagonal (act order); NF4/FP4 then store round-to-nearest's absmax exactly.
+  ``static_groups=False``: when ``in_features`` is a multiple of the blocksize, a block is ``blocksize``
+  consecutive columns of one row; its absmax (or, asymmetric int4, its [min, max]) is taken from the
+  block's *current* weights —
   already carrying the error pushed from the columns before it — at the moment its first column is
   quantized. Otherwise (blocks straddle rows) a block is fixed the first time any of its elements is
   quantized, from the current values of all its elements.
