@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .errors import CLIError
+
 logger = logging.getLogger(__name__)
 
 CONVERT_FORMATS = ("none", "nf4", "fp4", "int8")
@@ -54,6 +56,14 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--blocksize", type=int, default=64, help="4-bit block size (default 64)")
     p.add_argument("--max-shard-size", type=int, default=None, help="bytes per shard (default: one file)")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.add_argument(
+        "--calibration",
+        metavar="TEXT",
+        help="choose the codes by GPTQ on this UTF-8 text file ('pydoc': Python's own pydoc topics) instead of "
+        "round-to-nearest: builds the network, runs it on the text, writes the same formats",
+    )
+    p.add_argument("--calibration-samples", type=int, default=8, help="windows of calibration text (default 8)")
+    p.add_argument("--calibration-len", type=int, default=256, help="tokens per window (default 256)")
     p.set_defaults(func=_cmd_convert)
 
 
@@ -269,7 +279,111 @@ def _copy_tokenizer(src: Path, dst: Path, fmt: str, gguf_tokenizer: Any) -> list
     return out
 
 
+def calibration_text(spec: str) -> str:
+    """The text of ``--calibration``: a UTF-8 file, or ``pydoc`` (Python's ``pydoc_data.topics``)."""
+    if spec == "pydoc":
+        from pydoc_data.topics import topics
+
+        return "\n\n".join(topics[k] for k in sorted(topics))
+    try:
+        return Path(spec).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CLIError(
+            f"--calibration {spec}: cannot read it ({exc.strerror or exc}); give a text file or 'pydoc'"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"--calibration {spec}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def calibrated_convert(
+    src: str | Path,
+    dst: str | Path,
+    quantize: str,
+    text: str,
+    samples: int = 8,
+    length: int = 256,
+    double_quant: bool = False,
+    blocksize: int = 64,
+    max_shard_size: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """``convert`` with GPTQ-chosen codes: load the float checkpoint as a network, calibrate on ``samples``
+    windows of ``length`` tokens of ``text`` (tokenized by the checkpoint's own tokenizer), quantize every
+    linear but the output head in the same formats ``convert`` writes, and save it with its tokenizer."""
+    import time
+
+    import mindspore as ms
+    import numpy as np
+
+    from .passes import apply
+    from .pretrained import from_pretrained, save_pretrained, tokenizer_from_pretrained
+    from .rules import RuleSet
+
+    if quantize not in ("nf4", "fp4", "int8"):
+        raise CLIError(f"--calibration needs --quantize nf4, fp4 or int8 (the codes it chooses), got {quantize!r}")
+    for name, value in (("--calibration-samples", samples), ("--calibration-len", length)):
+        if value < 1:
+            raise CLIError(f"{name} must be >= 1, got {value}")
+    src, dst = Path(src), Path(dst)
+    _, store, fmt, _, _ = _open(src)
+    existing = _layer_formats(store)
+    if existing:
+        raise CLIError(
+            f"{src} already holds quantized layers ({len(existing)}, e.g. '{next(iter(existing))}': "
+            f"{next(iter(existing.values()))}); calibrated rounding needs the float weights"
+        )
+    tokenizer = tokenizer_from_pretrained(src)
+    ids = np.asarray(tokenizer.encode(text).ids, np.int32)
+    if ids.size < samples * length:
+        raise CLIError(
+            f"--calibration: the text has {ids.size} tokens, {samples} windows of {length} need {samples * length}; "
+            "give more text or fewer/shorter windows"
+        )
+    windows = ids[: samples * length].reshape(samples, length)
+    net = from_pretrained(src)
+    family = "llm_int8" if quantize == "int8" else quantize
+    rules = RuleSet.builtin(family)
+    if quantize != "int8":
+        rules = rules.copy(
+            [r.with_changes(rewrite={"blocksize": blocksize, "double_quant": double_quant}) for r in rules]
+        )
+    t0 = time.perf_counter()
+    result = apply(net, rules, calibration=[(ms.Tensor(w[None, :]),) for w in windows], progress=progress)
+    seconds = time.perf_counter() - t0
+    written = save_pretrained(net, dst, max_shard_size=max_shard_size)
+    written += _copy_tokenizer(src, dst, fmt, tokenizer if fmt == "gguf" else None)
+    ratios = [r.error_calibrated / r.error_nearest for r in result.quantized if r.error_nearest]
+    return {
+        "source": str(src),
+        "source_format": fmt,
+        "destination": str(dst),
+        "quantized_layers": len(result.quantized),
+        "calibration": {
+            "tokens": int(windows.size),
+            "windows": [samples, length],
+            "seconds": round(seconds, 2),
+            "layer_error_vs_round_to_nearest_median": float(np.median(ratios)) if ratios else None,
+        },
+        "files": [str(p) for p in written],
+    }
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
+    if args.calibration is not None:
+        summary = calibrated_convert(
+            args.src,
+            args.dst,
+            args.quantize,
+            calibration_text(args.calibration),
+            args.calibration_samples,
+            args.calibration_len,
+            args.double_quant,
+            args.blocksize,
+            args.max_shard_size,
+            args.progress or sys.stderr.isatty(),
+        )
+        print(json.dumps(summary, indent=2))
+        return 0
     summary = convert_checkpoint(
         args.src,
         args.dst,
