@@ -192,6 +192,8 @@ class MixedPlan:
     rounds: int  # knapsack solves (1 + repairs)
     forward_runs: int
     notes: list[str] = field(default_factory=list)
+    # with calibration: the chosen formats built by GPTQ instead of round-to-nearest, on the same inputs
+    calibrated_cosine: float | None = None
 
     @property
     def bytes_ratio(self) -> float:
@@ -212,6 +214,10 @@ class MixedPlan:
             f"  weight bytes {self.bytes / 2**20:.2f} MiB = {self.bytes_ratio:.3f}x all-base "
             f"({self.base_bytes / 2**20:.2f} MiB); {self.forward_runs} forward runs, {self.rounds} solve(s)",
         ]
+        if self.calibrated_cosine is not None:
+            lines.append(
+                f"  with calibrated rounding (gptq) of the chosen formats: measured {self.calibrated_cosine:.5f}"
+            )
         upgraded = [c for c in self.layers if c.chosen != c.base]
         if upgraded:
             # the biggest upgrades first, then the most sensitive layers
@@ -233,6 +239,7 @@ class MixedPlan:
             "base_cosine": self.base_cosine,
             "predicted_cosine": self.predicted_cosine,
             "measured_cosine": self.measured_cosine,
+            "calibrated_cosine": self.calibrated_cosine,
             "base_bytes": self.base_bytes,
             "bytes": self.bytes,
             "bytes_ratio": self.bytes_ratio,
@@ -290,6 +297,13 @@ class _Runner:
         if out.shape != self.ref.shape:
             raise PassError(f"error_budget: output_fn returned shape {out.shape}, the float network's {self.ref.shape}")
         return max(0.0, 1.0 - mean_cosine(self.ref, out))
+
+
+def measure_cosine(net, sample_inputs, reference_outputs: Any, output_fn=None) -> float:
+    """Mean cosine of ``net``'s outputs on ``sample_inputs`` to ``reference_outputs``, compared as the
+    accuracy-aware mode compares them (through ``output_fn``)."""
+    args = tuple(sample_inputs) if isinstance(sample_inputs, (tuple, list)) else (sample_inputs,)
+    return 1.0 - _Runner(net, args, reference_outputs, output_fn).error({})
 
 
 # ---- the knapsack ----------------------------------------------------------------------------------------------------

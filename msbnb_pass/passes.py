@@ -27,7 +27,7 @@ from .graph import NetGraph, build_graph
 from .lora import LoraConfig, add_lora, lora_targets, split_lora_spec
 from .match import Match, MatchTrace, find_matches
 from .memory import release_memory
-from .mixed import ErrorBudget, MixedPlan, as_budget, choose_formats
+from .mixed import ErrorBudget, MixedPlan, as_budget, choose_formats, measure_cosine
 from .rewrite import Transaction, apply_match, forget_compiled_graphs, linear_view, rename_parameters
 from .rules import RuleSet, name_matches
 from .verify import VIOLATION_ACTIONS, Bound, LayerCheck, Report, bound_for, compare_outputs, fp32_worst_ratio, metrics
@@ -339,11 +339,6 @@ def apply(
             raise PassError("error_budget needs sample_inputs: the layers' sensitivity is measured on them")
         if dry_run:
             raise PassError("error_budget cannot be combined with dry_run (choosing formats runs the network)")
-        if calibration is not None:
-            raise PassError(
-                "error_budget cannot be combined with calibration yet (the accuracy-aware mode measures "
-                "round-to-nearest layers); run one of them"
-            )
     ruleset = resolve_rules(rules_or_config, allow_imports=allow_imports)
     # LoRA targets are checked on the network as it is (the rules keep every layer's path): a config
     # matching nothing fails here, before anything is rewritten
@@ -531,6 +526,11 @@ def _rewrite(
         matches, prebuilt, mixed_kept, mixed = choose_formats(
             net, graph_before, ruleset, matches, captured, sample_inputs, outputs_before, budget, on_violation
         )
+        if samples is not None:  # the formats are chosen on round-to-nearest; the codes then come from GPTQ
+            calibrate.check_rules(matches, True)
+            for m in matches:
+                if calibrate.rounding_of(m.rule, True) == "gptq":
+                    prebuilt.pop(m.candidate.path, None)
     cal = None
     to_calibrate = [m for m in matches if calibrate.rounding_of(m.rule, samples is not None) == "gptq"]
     if to_calibrate:
@@ -669,6 +669,18 @@ def _rewrite(
         if sample_inputs is not None:
             args = sample_inputs if isinstance(sample_inputs, (tuple, list)) else (sample_inputs,)
             report.end_to_end = compare_outputs(outputs_before, net(*args))
+        if mixed is not None and cal is not None:
+            mixed.calibrated_cosine = measure_cosine(net, sample_inputs, outputs_before, budget.output_fn)
+            if mixed.calibrated_cosine < budget.min_cosine:
+                message = (
+                    f"error_budget: with calibrated rounding the chosen formats measure cosine "
+                    f"{mixed.calibrated_cosine:.5f} < min_cosine {budget.min_cosine} on the sample inputs "
+                    f"(round-to-nearest measured {mixed.measured_cosine:.5f})"
+                )
+                if on_violation != "warn":
+                    raise PassError(message + "; the network is restored")
+                logger.warning(message)
+                mixed.notes.append(message)
     except BaseException:
         txn.rollback()
         forget_compiled_graphs(net)

@@ -227,16 +227,29 @@ def test_calibration_refused_for_rules_that_cannot_use_it():
     _assert_untouched(net, before)
 
 
-def test_error_budget_and_calibration_are_refused_together():
+def test_error_budget_with_calibration_chooses_on_nearest_then_calibrates_the_chosen_formats():
+    """The accuracy-aware mode picks the formats (measured with round-to-nearest); calibration then picks
+    the codes of every chosen quantized layer by GPTQ, and the plan reports the cosine of the result,
+    measured on the sample inputs as the mode measures it."""
+    x = ids(50, batch=4)
+    budget = mb.ErrorBudget(min_cosine=0.999, max_bytes_ratio=1.5)
+    plain = mb.apply(zoo.make_llama(), "nf4", sample_inputs=(x,), error_budget=budget).mixed
+    ref_net = zoo.make_llama()
+    ref = ref_net(x).asnumpy().astype(np.float64)
     net = zoo.make_llama()
-    before = _params(net)
-    with pytest.raises(PassError) as exc:
-        mb.apply(net, "nf4", sample_inputs=(ids(0),), error_budget=0.02, calibration=CALIBRATION[:1])
-    assert str(exc.value) == (
-        "error_budget cannot be combined with calibration yet (the accuracy-aware mode measures "
-        "round-to-nearest layers); run one of them"
-    )
-    _assert_untouched(net, before)
+    res = mb.apply(net, "nf4", sample_inputs=(x,), error_budget=budget, calibration=CALIBRATION)
+    plan = res.mixed
+    assert [(c.path, c.chosen) for c in plan.layers] == [(c.path, c.chosen) for c in plain.layers]
+    assert plan.counts() != {"nf4:64": 14}  # the budget upgraded some layers
+    quantized = [r for r in res.quantized]
+    assert quantized and all(r.rounding == "gptq" and r.error_calibrated < r.error_nearest for r in quantized)
+    y = net(x).asnumpy().astype(np.float64).reshape(-1, ref.shape[-1])
+    r64 = ref.reshape(-1, ref.shape[-1])
+    cos = float(((y * r64).sum(1) / (np.linalg.norm(y, axis=1) * np.linalg.norm(r64, axis=1))).mean())
+    assert plan.calibrated_cosine == pytest.approx(cos, abs=1e-6)
+    assert plan.calibrated_cosine >= budget.min_cosine
+    assert "with calibrated rounding (gptq) of the chosen formats: measured" in res.summary()
+    assert res.to_dict()["mixed"]["calibrated_cosine"] == plan.calibrated_cosine
 
 
 def _collect(net, compiled: bool):
