@@ -3,7 +3,9 @@
 Each configuration runs in its own process (so its peak RSS is its own): build a LLaMA-like decoder,
 rewrite it, run N jit train steps on random tokens, and report steps/s, the peak RSS above the process's
 RSS after importing MindSpore while training (the model resident, its construction's temporaries
-released; the construction's own peak is reported apart), and msbnb_pass.memory.estimate_network's number for the same network.
+released; the construction's own peak is reported apart), and msbnb_pass.memory.estimate_network's number for the same network
+(its ``runtime`` term included). The loss is ``msbnb_pass.models.causal_lm_loss`` (the fused sparse cross entropy)
+in every configuration.
 
     PYTHONPATH=. python tools/bench_qlora.py --hidden 1024 --layers 8 --steps 3 [--json out.json]
 """
@@ -29,7 +31,7 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
     ms.set_device("CPU")
     from msbnb_pass import AdamW8bit, LoraConfig, get_qlora_model
     from msbnb_pass.memory import RSSMonitor, current_rss, estimate_network, release_memory
-    from msbnb_pass.models import LlamaForCausalLM
+    from msbnb_pass.models import LlamaForCausalLM, causal_lm_loss
     from msbnb_pass.models.configs import LlamaConfig
 
     base_rss = current_rss()
@@ -55,10 +57,9 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
         opt_kind = "adamw8bit" if kind == "qlora_adamw8bit" else "adamw"
         opt = AdamW8bit(params, learning_rate=1e-4) if opt_kind == "adamw8bit" else nn.AdamWeightDecay(params, 1e-4)
         est = estimate_network(net, args.seq, args.batch, opt_kind)
-        loss_fn = nn.CrossEntropyLoss()
 
         def forward(x, y):
-            return loss_fn(net(x).reshape(-1, args.vocab), y.reshape(-1))
+            return causal_lm_loss(net(x), y)
 
         grad_fn = ms.value_and_grad(forward, None, opt.parameters)
 

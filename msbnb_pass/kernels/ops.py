@@ -179,15 +179,33 @@ def _bprop_linear4bit(x, packed, absmax, code, nabs, ncode, noff, boff, bias, me
     )
 
 
+def _bprop_linear4bit_nobias(x, packed, absmax, code, nabs, ncode, noff, boff, bias, meta, out, dout):
+    """As ``_bprop_linear4bit`` for a layer without a bias (its input is a constant zero vector): no
+    column sums of ``dout``, three graph nodes fewer per layer in a train step."""
+    dx = _linear4bit_dx_op()(dout, packed, absmax, code, nabs, ncode, noff, boff, meta, x)
+    return (
+        dx,
+        _zeros_like(packed),
+        _zeros_like(absmax),
+        _zeros_like(code),
+        _zeros_like(nabs),
+        _zeros_like(ncode),
+        _zeros_like(noff),
+        _zeros_like(boff),
+        _zeros_like(bias),
+        _zeros_like(meta),
+    )
+
+
 @cache
-def _linear4bit_op():
+def _linear4bit_op(has_bias: bool = True):
     inputs = ["x", *_W4_INPUTS, "bias", "meta"]
     return ops.Custom(
         f"{_path()}:MsbnbLinear4bit",
         out_shape=None,
         out_dtype=_same_dtype,
         func_type="aot",
-        bprop=_bprop_linear4bit,
+        bprop=_bprop_linear4bit if has_bias else _bprop_linear4bit_nobias,
         reg_info=_reg("MsbnbLinear4bit", inputs, _w4_formats(dx=False)),
     )
 
@@ -290,7 +308,7 @@ class FusedLinear4bit(_Linear4bitBase):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.op = _linear4bit_op()
+        self.op = _linear4bit_op(self.has_bias)
 
     def construct(self, x, packed, absmax, code, nested_absmax, nested_code, nested_offset, block_offset, bias):
         return self.op(

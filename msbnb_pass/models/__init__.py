@@ -8,7 +8,7 @@ and parameter paths are transformers' state-dict keys.
 from ._layers import Embedding, LayerNorm, RMSNorm, WeightSource, name_parameters
 from .bert import BERT_BUFFERS, BertModel
 from .configs import MODEL_CONFIGS, BertConfig, LlamaConfig, config_from_dict
-from .llama import LlamaForCausalLM, LlamaModel, rope_tables
+from .llama import LlamaForCausalLM, LlamaModel, causal_lm_loss, rope_tables
 
 __all__ = [
     "BERT_BUFFERS",
@@ -23,6 +23,7 @@ __all__ = [
     "RMSNorm",
     "WeightSource",
     "build_model",
+    "causal_lm_loss",
     "config_from_dict",
     "name_parameters",
     "rope_tables",

@@ -165,6 +165,27 @@ def test_input_gradient_is_dy_times_dequantized_weight(ms_cpu, backend, kind):
     assert [p.name.split(".")[-1] for p in layer.trainable_params()] == ["bias"]
 
 
+@pytest.mark.parametrize("kind", ["4bit-nf4-64-dq-sym", "4bit-int4-32-plain-asym"])
+def test_input_gradient_without_bias_in_a_jit_train_step(ms_cpu, kind):
+    """A bias-less 4-bit layer's bprop (no column sums of dy) inside ms.jit + value_and_grad."""
+    layer = make(kind, 40, 130, "cpu", bias=False)
+    x = Tensor(np.random.default_rng(0).standard_normal((2, 3, 130)).astype(np.float32))
+    dy = Tensor(np.random.default_rng(1).standard_normal((2, 3, 40)).astype(np.float32))
+
+    def loss(t):
+        return (layer(t) * dy).sum()
+
+    grad_fn = ms.value_and_grad(loss, 0)
+
+    @ms.jit
+    def step(t):
+        return grad_fn(t)
+
+    _, dx = step(x)
+    assert_matmul_close(dx.asnumpy(), dy.asnumpy(), layer.dequantized_weight().T, what="dx = dy @ W, no bias")
+    assert layer.trainable_params() == []
+
+
 def test_gradient_matches_finite_differences(ms_cpu):
     layer = make("4bit-nf4-64-dq-sym", 8, 64, BACKENDS[0])
     x0 = np.random.default_rng(2).standard_normal((1, 64)).astype(np.float64)
