@@ -38,9 +38,6 @@ def _rotate_half(x, half: int):
     return ops.cat((-x2, x1), -1)
 
 
-_sparse_cross_entropy = ops.SparseSoftmaxCrossEntropyWithLogits()
-
-
 def causal_lm_loss(logits, labels):
     """Mean cross entropy of ``logits [..., vocab]`` against int32 ``labels [...]`` (the next tokens), for
     a jit train step, with MindSpore's fused ``SparseSoftmaxCrossEntropyWithLogits``.
@@ -50,7 +47,7 @@ def causal_lm_loss(logits, labels):
     graph lives: about 69 bytes per logit in a train step, measured (some 280 MB for 128 tokens of a
     32,000-word vocabulary, in full fine-tuning and QLoRA alike). The fused kernel keeps none."""
     vocab = logits.shape[-1]
-    return _sparse_cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1))
+    return ops.SparseSoftmaxCrossEntropyWithLogits()(logits.reshape(-1, vocab), labels.reshape(-1))
 
 
 class LlamaAttention(nn.Cell):
