@@ -225,7 +225,8 @@ class _GramAccumulator(nn.Cell):
         k1 = in_features + 1
         # unique names: a compiled graph refuses two Parameters of one name
         self.gram = Parameter(Tensor(np.zeros((k1, k1), np.float32)), f"{name}.gram", False)
-        self.probe = Parameter(Tensor(np.zeros((probe_rows, k1), np.float32)), f"{name}.probe", False)
+        # probe_rows = 0: no probe (the pass has its own, or does not verify): one side effect fewer to compile
+        self.probe = Parameter(Tensor(np.zeros((max(probe_rows, 1), k1), np.float32)), f"{name}.probe", False)
         self.gram_product = ops.MatMul(transpose_a=True)
 
     def construct(self, x):
@@ -233,6 +234,8 @@ class _GramAccumulator(nn.Cell):
         n = rows.shape[0]
         rows = ops.cat((rows, ops.ones((n, 1), ms.float32)), 1)
         ops.assign_add(self.gram, self.gram_product(rows, rows))
+        if self.probe_rows == 0:
+            return x
         if n >= self.probe_rows:
             ops.assign(self.probe, rows[: self.probe_rows])
         else:
@@ -243,7 +246,7 @@ class _GramAccumulator(nn.Cell):
         """(``X^T X`` float32, the row count, the probe rows)."""
         gram = self.gram.asnumpy()
         k = self.in_features
-        probe = self.probe.asnumpy()
+        probe = self.probe.asnumpy()[: self.probe_rows]
         return gram[:k, :k], int(round(float(gram[k, k]))), probe[probe[:, k] == 1.0, :k].copy()
 
 

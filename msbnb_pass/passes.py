@@ -534,12 +534,15 @@ def _rewrite(
     cal = None
     to_calibrate = [m for m in matches if calibrate.rounding_of(m.rule, samples is not None) == "gptq"]
     if to_calibrate:
-        cal = calibrate.collect(graph_before, net, to_calibrate, samples)
+        # probe rows for verification only where the sample inputs do not give them
+        probe_rows = 32 if verify and sample_inputs is None else 0
+        cal = calibrate.collect(graph_before, net, to_calibrate, samples, probe_rows)
         factors = calibrate.FactorCache(
             [cal.hessians[m.candidate.anchor] for m in to_calibrate if m.candidate.anchor in cal.hessians]
         )
         for key, rows in cal.probes.items():  # verify on real activations rather than synthetic ones
-            captured.setdefault(key, rows)
+            if len(rows):
+                captured.setdefault(key, rows)
     rng = np.random.default_rng(seed)
     txn = Transaction()
     report = Report()

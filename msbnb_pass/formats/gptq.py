@@ -165,6 +165,9 @@ class Blockwise4bitQuantizer(_Quantizer):
             if self.importance is not None:
                 weights = np.where(valid, self.importance[idx % self.in_features], np.float32(0.0))
             self._fix_blocks(blocks, self.weight.reshape(-1)[idx], None if valid.all() else valid, weights)
+            # per column the rows' blocks are (row * in_features + col) // blocksize: gather from these
+            self._row_base = np.arange(self.out_features, dtype=np.int64) * self.in_features
+            self._inv_all = self._scales_of(blocks)[1]
             return
         nb = self.in_features // self.blocksize
         rows = np.arange(self.out_features) * nb
@@ -281,8 +284,9 @@ class Blockwise4bitQuantizer(_Quantizer):
             if self.aligned:
                 scale, inv, off = self._static[col // self.blocksize]
             else:
-                rows = np.arange(self.out_features, dtype=np.int64)
-                scale, inv, off = self._scales_of((rows * self.in_features + col) // self.blocksize)
+                blocks = (self._row_base + col) // self.blocksize
+                scale, inv = self.scale[blocks], self._inv_all[blocks]
+                off = None if self.offset is None else self.offset[blocks]
         else:
             scale, inv, off = self._group if self.aligned else self._scales_of(self._fix_straddling(col))
         scaled = (w if off is None else w - off) * inv
