@@ -454,7 +454,12 @@ def build_calibrated(
     quantizer = quantizer_for(name, params, view.weight)
     act_order = quantizer.column_free
     prepared = None if cache is None else cache.get(hessian, act_order)
-    result = _gptq.gptq_quantize(view.weight, hessian, quantizer, act_order=act_order, prepared=prepared)
+    from .kernels import _lib
+
+    kernel = _lib.gptq_batch if _lib.available() else None
+    result = _gptq.gptq_quantize(
+        view.weight, hessian, quantizer, act_order=act_order, prepared=prepared, batch_kernel=kernel
+    )
     a = result.arrays
     out_f, in_f = view.weight.shape
     has_bias = view.bias is not None

@@ -177,6 +177,23 @@ class Blockwise4bitQuantizer(_Quantizer):
             self._fix_blocks(rows + g, self.weight[:, c0:c1], None, weights)
             self._static[g] = self._scales_of(rows + g)
 
+    def batch_scales(self, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Static groups: the (scale, 1/scale, offset) each output row quantizes original columns ``cols``
+        with, as ``[len(cols), out_features]`` float32 arrays (offset None when symmetric)."""
+        if self._static is None:
+            self._fix_static()
+        if self.aligned:
+            per = [self._static[int(c) // self.blocksize] for c in cols]
+            scale = np.stack([p[0] for p in per])
+            inv = np.stack([p[1] for p in per])
+            off = None if self.offset is None else np.stack([p[2] for p in per])
+        else:
+            blocks = (self._row_base[None, :] + np.asarray(cols, np.int64)[:, None]) // self.blocksize
+            scale, inv = self.scale[blocks], self._inv_all[blocks]
+            off = None if self.offset is None else self.offset[blocks]
+        c = np.ascontiguousarray
+        return c(scale, np.float32), c(inv, np.float32), None if off is None else c(off, np.float32)
+
     def groups(self) -> list[tuple[int, int]]:
         if self.static_groups:
             return []
@@ -506,11 +523,14 @@ def gptq_quantize(
     batch: int = DEFAULT_BATCH,
     act_order: bool | None = None,
     prepared: Prepared | None = None,
+    batch_kernel=None,
 ) -> GPTQResult:
     """Choose ``quantizer``'s codes for ``weight`` [out, in] with GPTQ against ``hessian`` [in, in]
     (``X^T X`` of the layer's inputs, any positive scale). ``act_order`` (default: where the format
     allows it) visits the columns by decreasing Hessian diagonal. ``prepared``: ``prepare(hessian,
-    act_order, damp)`` when the caller already has it (layers sharing an input)."""
+    act_order, damp)`` when the caller already has it (layers sharing an input). ``batch_kernel``: a
+    compiled twin of the per-column loop for static-group 4-bit quantizers (``kernels._lib.gptq_batch``,
+    the same float32 operations in the same order, so the same codes); None runs the loop in numpy."""
     w0 = _checks.float_array(weight, "weight", ndim=2)
     h = np.asarray(hessian)
     k = w0.shape[1]
@@ -536,9 +556,22 @@ def gptq_quantize(
     groups = quantizer.groups()
     diag = U.diagonal().copy()
     order = perm.tolist()
+    if not (isinstance(quantizer, Blockwise4bitQuantizer) and quantizer.static_groups):
+        batch_kernel = None
     for i1, i2 in _batches(groups, k, batch):
         W1 = WT[i1:i2]  # a view: updated in place
         err1 = np.empty_like(W1)
+        if batch_kernel is not None:
+            cols = perm[i1:i2]
+            scale, inv, off = quantizer.batch_scales(cols)
+            codes = np.empty(W1.shape, np.uint8)
+            ublock = np.ascontiguousarray(U[i1:i2, i1:i2])
+            q = quantizer
+            batch_kernel(W1, ublock, scale, inv, off, q.code, q._bounds, q._order_u8, codes, err1)
+            q.codes[:, cols] = codes.T
+            if i2 < k:
+                WT[i2:] -= U[i1:i2, i2:].T @ err1
+            continue
         starts = {g0: g1 for g0, g1 in groups if i1 <= g0 < i2}
         for i in range(i2 - i1):
             col = i1 + i

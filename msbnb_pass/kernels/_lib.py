@@ -72,6 +72,7 @@ def load() -> ctypes.CDLL | None:
     lib.msbnb_quantize_4bit.argtypes = [p, i64, i64, p, p, i32, p, p, p]
     lib.msbnb_quantize_blockwise_8bit.argtypes = [p, i64, i64, p, p, p]
     lib.msbnb_int8_rowwise.argtypes = [p, i64, i64, p, p]
+    lib.msbnb_gptq_batch.argtypes = [p, i64, i64, p, i64, p, p, p, p, p, p, i32, p, p]
     threads = os.environ.get(ENV_THREADS)
     lib.msbnb_set_num_threads(_parse_threads(threads, ENV_THREADS) if threads else DEFAULT_THREADS)
     isa = os.environ.get(ENV_ISA)
@@ -197,3 +198,39 @@ def int8_rowwise(a2d: np.ndarray):
     scb = np.empty(rows, np.float32)
     _check(lib.msbnb_int8_rowwise(_ptr(a2d), rows, cols, _ptr(cb), _ptr(scb)), "int8_rowwise")
     return cb, scb
+
+
+def gptq_batch(w, u, scale, inv, off, code, bounds, order, codes, err) -> None:
+    """GPTQ's inner loop over one lazy batch (static scales), in place: ``w`` [b, n] float32 (the batch's
+    columns), ``u`` [b, >= b] the batch's block of the inverse factor, ``scale``/``inv``/``off`` [b, n]
+    (``off`` None: symmetric), the code book; writes ``codes`` [b, n] uint8 and ``err`` [b, n]. The same
+    float32 operations in the same order as the numpy loop of ``formats.gptq.gptq_quantize``."""
+    lib = _require()
+    b, n = w.shape
+    for name, a in (("w", w), ("u", u), ("scale", scale), ("inv", inv), ("err", err)):
+        if a.dtype != np.float32 or not a.flags.c_contiguous:
+            raise ValueError(f"gptq_batch: {name} must be a C-contiguous float32 array")
+    if off is not None and (off.dtype != np.float32 or not off.flags.c_contiguous):
+        raise ValueError("gptq_batch: off must be a C-contiguous float32 array")
+    if codes.dtype != np.uint8 or not codes.flags.c_contiguous or codes.shape != (b, n):
+        raise ValueError(f"gptq_batch: codes must be a C-contiguous uint8 array of shape {(b, n)}")
+    code = np.ascontiguousarray(code, np.float32)
+    bounds = np.ascontiguousarray(bounds, np.float32)
+    order = np.ascontiguousarray(order, np.uint8)
+    rc = lib.msbnb_gptq_batch(
+        _ptr(w),
+        b,
+        n,
+        _ptr(u),
+        u.shape[1],
+        _ptr(scale),
+        _ptr(inv),
+        _ptr(off),
+        _ptr(code),
+        _ptr(bounds),
+        _ptr(order),
+        len(code),
+        _ptr(codes),
+        _ptr(err),
+    )
+    _check(rc, "gptq_batch")

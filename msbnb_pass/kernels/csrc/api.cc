@@ -481,3 +481,42 @@ MSBNB_EXPORT int msbnb_int8_rowwise(const float *a, int64_t rows, int64_t cols, 
   table().int8_rowwise(a, rows, cols, cb, scb);
   return 0;
 }
+
+// GPTQ's inner loop over one lazy batch of b input columns whose scales are already fixed (static groups;
+// msbnb_pass.formats.gptq.gptq_quantize): the same float32 operations in the same order as the numpy loop
+// (-ffp-contract=off), so both give identical codes. w: [b, n], the batch's columns (rows of W^T), updated
+// in place; u: the batch's block of the inverse-Hessian factor (u[i * ldu + j] = U[col_i, col_j]);
+// scale/inv/off: [b, n] per column and output row (off may be null: symmetric); the code book ``code``
+// [ncodes], ``bounds`` [ncodes - 1] (midpoints of the sorted codes) and ``order`` (sorted index -> code);
+// out: codes [b, n] and the scaled errors err [b, n] (the lazy update of the later columns).
+MSBNB_EXPORT int msbnb_gptq_batch(float *w, int64_t b, int64_t n, const float *u, int64_t ldu, const float *scale,
+                                  const float *inv, const float *off, const float *code, const float *bounds,
+                                  const uint8_t *order, int32_t ncodes, uint8_t *codes, float *err) {
+  if (b < 0 || n < 0 || ldu < b || ncodes < 2 || ncodes > 256) return fail(1, "invalid gptq batch shape");
+  const int32_t nb = ncodes - 1;
+  for (int64_t i = 0; i < b; ++i) {
+    float *wi = w + i * n;
+    float *ei = err + i * n;
+    const float d = u[i * ldu + i];
+    const float *si = scale + i * n, *vi = inv + i * n, *oi = off ? off + i * n : nullptr;
+    uint8_t *ci = codes + i * n;
+    for (int64_t r = 0; r < n; ++r) {
+      float x = oi ? (wi[r] - oi[r]) * vi[r] : wi[r] * vi[r];
+      x = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);
+      int32_t k = 0;  // numpy.searchsorted(bounds, x, side="left"): how many bounds are below x
+      while (k < nb && bounds[k] < x) ++k;
+      const uint8_t c = order[k];
+      ci[r] = c;
+      float q = code[c] * si[r];
+      if (oi) q = q + oi[r];
+      const float e = (wi[r] - q) / d;
+      ei[r] = e;
+    }
+    for (int64_t j = i + 1; j < b; ++j) {
+      const float uij = u[i * ldu + j];
+      float *wj = w + j * n;
+      for (int64_t r = 0; r < n; ++r) wj[r] = wj[r] - uij * ei[r];
+    }
+  }
+  return 0;
+}
