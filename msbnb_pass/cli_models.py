@@ -369,29 +369,14 @@ def calibrated_convert(
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    progress = args.progress or sys.stderr.isatty()
+    common = (args.double_quant, args.blocksize, args.max_shard_size, progress)
     if args.calibration is not None:
+        text = calibration_text(args.calibration)
         summary = calibrated_convert(
-            args.src,
-            args.dst,
-            args.quantize,
-            calibration_text(args.calibration),
-            args.calibration_samples,
-            args.calibration_len,
-            args.double_quant,
-            args.blocksize,
-            args.max_shard_size,
-            args.progress or sys.stderr.isatty(),
+            args.src, args.dst, args.quantize, text, args.calibration_samples, args.calibration_len, *common
         )
-        print(json.dumps(summary, indent=2))
-        return 0
-    summary = convert_checkpoint(
-        args.src,
-        args.dst,
-        args.quantize,
-        args.double_quant,
-        args.blocksize,
-        args.max_shard_size,
-        args.progress or sys.stderr.isatty(),
-    )
+    else:
+        summary = convert_checkpoint(args.src, args.dst, args.quantize, *common)
     print(json.dumps(summary, indent=2))
     return 0

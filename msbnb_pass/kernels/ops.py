@@ -163,7 +163,8 @@ def _sum_rows(dout):
     return dout.reshape((-1, dout.shape[-1])).sum(axis=0)
 
 
-def _bprop_linear4bit(x, packed, absmax, code, nabs, ncode, noff, boff, bias, meta, out, dout):
+def _grads_linear4bit(x, packed, absmax, code, nabs, ncode, noff, boff, meta, dout, dbias):
+    """The input gradient by the dx kernel, zeros for the frozen quantized state, ``dbias`` for the bias."""
     dx = _linear4bit_dx_op()(dout, packed, absmax, code, nabs, ncode, noff, boff, meta, x)
     return (
         dx,
@@ -174,27 +175,20 @@ def _bprop_linear4bit(x, packed, absmax, code, nabs, ncode, noff, boff, bias, me
         _zeros_like(ncode),
         _zeros_like(noff),
         _zeros_like(boff),
-        ops.cast(_sum_rows(dout), bias.dtype),
+        dbias,
         _zeros_like(meta),
     )
+
+
+def _bprop_linear4bit(x, packed, absmax, code, nabs, ncode, noff, boff, bias, meta, out, dout):
+    dbias = ops.cast(_sum_rows(dout), bias.dtype)
+    return _grads_linear4bit(x, packed, absmax, code, nabs, ncode, noff, boff, meta, dout, dbias)
 
 
 def _bprop_linear4bit_nobias(x, packed, absmax, code, nabs, ncode, noff, boff, bias, meta, out, dout):
     """As ``_bprop_linear4bit`` for a layer without a bias (its input is a constant zero vector): no
     column sums of ``dout``, three graph nodes fewer per layer in a train step."""
-    dx = _linear4bit_dx_op()(dout, packed, absmax, code, nabs, ncode, noff, boff, meta, x)
-    return (
-        dx,
-        _zeros_like(packed),
-        _zeros_like(absmax),
-        _zeros_like(code),
-        _zeros_like(nabs),
-        _zeros_like(ncode),
-        _zeros_like(noff),
-        _zeros_like(boff),
-        _zeros_like(bias),
-        _zeros_like(meta),
-    )
+    return _grads_linear4bit(x, packed, absmax, code, nabs, ncode, noff, boff, meta, dout, _zeros_like(bias))
 
 
 @cache
