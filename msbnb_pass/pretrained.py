@@ -30,7 +30,9 @@ from .nn import Linear4bit, Linear8bit, Linear8bitLt
 logger = logging.getLogger(__name__)
 
 _QUANT_CELLS = (Linear4bit, Linear8bitLt, Linear8bit)
-_CPU_COMPUTE = ("float32", "float16")
+_CPU_COMPUTE = ("float32", "float16")  # what a checkpoint's bnb_4bit_compute_dtype selects by itself
+# what compute_dtype= may ask for: also the inexact opt-ins (bfloat16 products, int8 activations / W4A8)
+_OVERRIDE_COMPUTE = ("float32", "float16", "bfloat16", "int8")
 
 
 @dataclass
@@ -60,8 +62,8 @@ def _is_gguf(path: Path) -> bool:
 
 def _checkpoint_compute_dtype(qc: dict[str, Any] | None, override: str | None) -> str:
     if override is not None:
-        if override not in _CPU_COMPUTE:
-            raise ValueError(f"compute_dtype must be one of {_CPU_COMPUTE}, got {override!r}")
+        if override not in _OVERRIDE_COMPUTE:
+            raise ValueError(f"compute_dtype must be one of {_OVERRIDE_COMPUTE}, got {override!r}")
         return override
     wanted = str((qc or {}).get("bnb_4bit_compute_dtype") or "float32").replace("torch.", "")
     if wanted not in _CPU_COMPUTE:
@@ -206,8 +208,11 @@ def from_pretrained(
         quantization_config: a ``BitsAndBytesConfig`` (or QuantConfig) to quantize a float checkpoint on load
             through the pass; refused for a checkpoint that is already quantized.
         strict: refuse tensors the model does not use (missing tensors are always refused).
-        compute_dtype: 4-bit matmul dtype ("float32"/"float16"); default: the checkpoint's
-            ``bnb_4bit_compute_dtype`` where the CPU can run it, else float32.
+        compute_dtype: 4-bit matmul dtype: "float32" (exact products of the stored weights), "float16", or the
+            inexact opt-ins "bfloat16" (bfloat16 products, float32 sums) and "int8" (activations quantized to
+            int8 per block, W4A8; symmetric formats only). Default: the checkpoint's ``bnb_4bit_compute_dtype``
+            when it is float32 or float16, else float32 (a checkpoint saying "bfloat16" computes exactly
+            unless asked).
         max_seq_len: positions covered by the decoder's RoPE tables.
         backend: kernel backend of the quantized cells ("cpu" or "reference"; default: the kernels' choice).
         progress: show a progress bar over the tensors read.
@@ -337,11 +342,13 @@ def _quantization_config(net: nn.Cell, cells: dict[str, nn.Cell]) -> dict[str, A
         kind, qt, nested = next(iter(kinds))
         cell = next(iter(cells.values()))
         if kind == "Linear4bit" and qt in ("nf4", "fp4"):
+            compute = cell.compute_dtype_name
             return BitsAndBytesConfig(
                 load_in_4bit=True,
                 bnb_4bit_quant_type=qt,
                 bnb_4bit_use_double_quant=bool(nested),
-                bnb_4bit_compute_dtype=cell.compute_dtype_name,
+                # int8 activations (W4A8) are ours; the stored weights are the same, bitsandbytes computes float
+                bnb_4bit_compute_dtype="float32" if compute == "int8" else compute,
                 llm_int8_skip_modules=float_dense or None,
             ).to_dict()
         if kind == "Linear8bitLt":

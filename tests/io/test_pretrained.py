@@ -316,6 +316,32 @@ def test_quantization_config_decides_threshold_and_compute_dtype(tmp_path):
     assert {c.compute_dtype_name for _, c in net.cells_and_names() if isinstance(c, mb.Linear4bit)} == {"float32"}
 
 
+def test_compute_dtype_override_opts_into_bfloat16_and_int8(tmp_path):
+    write_llama(tmp_path / "q4", "nf4", "F32")
+    cfg = json.loads((tmp_path / "q4" / "config.json").read_text())
+    cfg["quantization_config"]["bnb_4bit_compute_dtype"] = "bfloat16"  # what most hub checkpoints say
+    (tmp_path / "q4" / "config.json").write_text(json.dumps(cfg))
+    exact = mb.from_pretrained(tmp_path / "q4")  # computes exactly unless asked
+    assert {c.compute_dtype_name for _, c in exact.cells_and_names() if isinstance(c, mb.Linear4bit)} == {"float32"}
+    ref = _logits(exact).astype(np.float64)
+    # one layer's relative RMS error (README, compute_dtype): 2.4e-3 bfloat16, 8.5e-3 int8; the 2 decoder layers
+    # put ~4 such matmuls in series on the path to the logits, whose errors add: 4x the single-layer figure
+    for compute, rel in (("bfloat16", 4 * 2.4e-3), ("int8", 4 * 8.5e-3)):
+        net = mb.from_pretrained(tmp_path / "q4", compute_dtype=compute)
+        assert {c.compute_dtype_name for _, c in net.cells_and_names() if isinstance(c, mb.Linear4bit)} == {compute}
+        got = _logits(net).astype(np.float64)
+        # inexact by design: close, not equal
+        assert not np.array_equal(got, ref)
+        assert np.linalg.norm(got - ref) <= rel * np.linalg.norm(ref)
+        mb.save_pretrained(net, tmp_path / f"out_{compute}")  # the checkpoint's own config is written back
+        saved = json.loads((tmp_path / f"out_{compute}" / "config.json").read_text())["quantization_config"]
+        assert saved["bnb_4bit_compute_dtype"] == "bfloat16"
+    with pytest.raises(
+        ValueError, match=r"compute_dtype must be one of \('float32', 'float16', 'bfloat16', 'int8'\), got 'int4'"
+    ):
+        mb.from_pretrained(tmp_path / "q4", compute_dtype="int4")
+
+
 def test_sharded_save_and_switching_layouts(tmp_path):
     write_llama(tmp_path / "ckpt", "nf4", "BF16")
     net = mb.from_pretrained(tmp_path / "ckpt")
