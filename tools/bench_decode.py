@@ -27,7 +27,8 @@ Variants: fp32, int8 (weight-only), llm_int8 (threshold 6), nf4 (+ double quanti
 nf4_bf16 / nf4_int8 / int8_int8 (compute_dtype bfloat16 / int8), q4_1 (SmolLM2's GGUF as stored).
 
 ``--paths``: which decode step to time, ``lean`` (the library's decode kernels and fused projections, what
-``generate`` uses by default) and/or ``plain`` (MindSpore ops only); with both, each process compiles both
+``generate`` uses by default: one launch per decoder layer where every projection is 4-bit), ``ops`` (the
+same kernels, one launch per op) and/or ``plain`` (MindSpore ops only); with both, each process compiles both
 and runs ``--repeats`` timed ``generate`` calls per step interleaved, so that load from other jobs hits
 them alike (medians over all calls; ``same_tokens_as_first_path`` checks the tokens agree).
 
@@ -51,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+PATHS = {"lean": True, "ops": "ops", "plain": False}  # --paths -> generate(decode_kernels=...)
 VARIANTS = ("fp32", "int8", "llm_int8", "nf4", "nf4_bf16", "nf4_int8", "int8_int8", "q4_1")
 LLAMA08B = dict(
     vocab_size=32000,
@@ -192,7 +194,7 @@ def _worker(model: str, variant: str, prompt_len: int, new: int, profile: bool, 
     compile_s = {}
     for path in paths:
         t = time.perf_counter()
-        net.generate(ids, max_new_tokens=new, eos_token_id=[], decode_kernels=path == "lean")  # compiles both graphs
+        net.generate(ids, max_new_tokens=new, eos_token_id=[], decode_kernels=PATHS[path])  # compiles both graphs
         compile_s[path] = time.perf_counter() - t
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
@@ -209,7 +211,7 @@ def _worker(model: str, variant: str, prompt_len: int, new: int, profile: bool, 
                 max_new_tokens=new,
                 eos_token_id=[],
                 streamer=lambda tok, st=stamps: st.append(time.perf_counter()),
-                decode_kernels=path == "lean",
+                decode_kernels=PATHS[path],
             )
             steps[path].extend(np.diff(np.array(stamps)).tolist())
             ttfts[path].append(stamps[0] - start)
@@ -218,7 +220,7 @@ def _worker(model: str, variant: str, prompt_len: int, new: int, profile: bool, 
     bandwidth = _read_bandwidth()  # after the peak is read: its buffer is not the model's memory
     results = []
     for path in paths:
-        step_bytes = _step_bytes(net, path == "lean")
+        step_bytes = _step_bytes(net, path != "plain")
         step = float(np.median(steps[path]))
         ttft = float(np.median(ttfts[path]))
         out = {
@@ -243,7 +245,7 @@ def _worker(model: str, variant: str, prompt_len: int, new: int, profile: bool, 
             "same_tokens_as_first_path": tokens[path] == tokens[paths[0]],
         }
         if profile:
-            out["profile_us_per_layer"] = _profile_lean(net) if path == "lean" else _profile(net)
+            out["profile_us_per_layer"] = _profile_lean(net) if path != "plain" else _profile(net)
         results.append(out)
     return results
 
@@ -508,7 +510,7 @@ def main(argv=None) -> int:
         "--paths",
         default="lean",
         help="decode steps to time, comma-separated, interleaved in one process: lean (the decode kernels, the "
-        "default of generate) and/or plain (MindSpore ops only)",
+        "default of generate), ops (the same kernels, one launch per op) and/or plain (MindSpore ops only)",
     )
     ap.add_argument("--repeats", type=int, default=1, help="timed generate calls per path (interleaved)")
     ap.add_argument("--json", default=None)
@@ -520,8 +522,8 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     paths = args.paths.split(",")
-    if any(p not in ("lean", "plain") for p in paths) or args.repeats < 1:
-        raise SystemExit(f"--paths takes lean and/or plain, --repeats >= 1; got {args.paths!r}, {args.repeats}")
+    if any(p not in PATHS for p in paths) or args.repeats < 1:
+        raise SystemExit(f"--paths takes lean, ops and/or plain, --repeats >= 1; got {args.paths!r}, {args.repeats}")
     if args.worker:
         res = _worker(*args.worker, args.prompt_len, args.new, args.profile, paths, args.repeats)
         print("RESULT " + json.dumps(res), flush=True)

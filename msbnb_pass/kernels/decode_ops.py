@@ -14,6 +14,10 @@ library is available; ``available()`` says whether it is.
 * ``linear4bit_multi(n)(x, 9 tensors per projection...) -> the projections' outputs concatenated``
 * ``linear_q8(x [..., K], q int8 [N, K], d [N, K/32]) -> x @ (q * d)^T`` (a float32 weight held losslessly
   as int8 codes and one scale per 32 weights, decoded exactly; float32 products and sums)
+* ``decode_layer_4bit(x, a, cos, sin, meta, k_cache, v_cache, slots, mask, scale, post_norm, next_norm, eps,
+  9 tensors for each of q, k, v, o, gate, up, down) -> (x', a')``: a whole decoder layer whose projections
+  are 4-bit (float32 compute) in one launch: the kernels above in the per-op step's order (same bits),
+  the caches written in place
 """
 
 from __future__ import annotations
@@ -132,3 +136,9 @@ def _linear_q8_shape(x, q, d):
 @cache
 def linear_q8():
     return ops.Custom(_fn("MsbnbLinearQ8"), out_shape=_linear_q8_shape, out_dtype=_f32, func_type="aot")
+
+
+@cache
+def decode_layer_4bit():
+    """One decoder layer of the lean step in one launch (see the module docstring)."""
+    return ops.Custom(_fn("MsbnbDecodeLayer4bit"), out_shape=_pair_shape, out_dtype=_pair_dtype, func_type="aot")

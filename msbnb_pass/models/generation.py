@@ -64,7 +64,13 @@ class CachedDecoder(nn.Cell):
     any other float32 head by the float32 kernel. Otherwise every step is plain MindSpore ops."""
 
     def __init__(
-        self, lm: nn.Cell, batch: int, max_len: int, lean: bool | None = None, quantized_head: str | None = None
+        self,
+        lm: nn.Cell,
+        batch: int,
+        max_len: int,
+        lean: bool | None = None,
+        quantized_head: str | None = None,
+        fuse_layers: bool = True,
     ):
         super().__init__()
         cfg = lm.config
@@ -99,6 +105,8 @@ class CachedDecoder(nn.Cell):
         if lean and not decode_ops.available():
             raise GenerationError("decode_kernels=True needs the msbnb_pass kernel library, which is not available")
         self.lean = bool(lean)
+        self.fuse_layers = bool(fuse_layers)
+        self.fused = False  # decided by _plan_lean: one kernel per decoder layer
         if self.lean:
             self._plan_lean(lm)
         self.quantized_head = _check_head(quantized_head)
@@ -140,7 +148,13 @@ class CachedDecoder(nn.Cell):
         self.eps_t = Tensor(np.array([float(lm.config.rms_norm_eps)], np.float32))
         self.f32_1, self.f32_2, self.f32_3 = (decode_ops.linear_f32(n) for n in (1, 2, 3))
         self.w4_1, self.w4_2, self.w4_3 = (decode_ops.linear4bit_multi(n) for n in (1, 2, 3))
-        logger.debug("lean decode step: projections %s, head %s", kinds, self.head_kind)
+        # every projection 4-bit with float32 compute: the whole layer is one kernel (same kernels, same order)
+        self.fused = self.fuse_layers and all(k == "w4" for k in kinds.values())
+        if self.fused:
+            self.layer_op = decode_ops.decode_layer_4bit()
+        logger.debug(
+            "lean decode step: projections %s, head %s, one kernel per layer: %s", kinds, self.head_kind, self.fused
+        )
 
     def _project(self, kind: str, cells, x, t: int):
         """The projections ``cells`` of x, concatenated along the last axis."""
@@ -181,6 +195,37 @@ class CachedDecoder(nn.Cell):
         for i in range(self.n_layers):
             layer = layers[i]
             attn = layer.self_attn
+            norm = model.norm.weight if i == self.n_layers - 1 else layers[i + 1].input_layernorm.weight
+            if self.fused:
+                mlp = layer.mlp
+                args = ()
+                for c in (
+                    attn.q_proj,
+                    attn.k_proj,
+                    attn.v_proj,
+                    attn.o_proj,
+                    mlp.gate_proj,
+                    mlp.up_proj,
+                    mlp.down_proj,
+                ):
+                    args = args + _w4_args(c)
+                x, a = self.layer_op(
+                    x,
+                    a,
+                    cos,
+                    sin,
+                    self.rope_meta,
+                    self.k_cache[i],
+                    self.v_cache[i],
+                    slots,
+                    mask,
+                    self.scale_t,
+                    layer.post_attention_layernorm.weight,
+                    norm,
+                    self.eps_t,
+                    *args,
+                )
+                continue
             qkv = self._project(self.kind_qkv, (attn.q_proj, attn.k_proj, attn.v_proj), a, t)
             q, k, v = self.rope_op(qkv, cos, sin, self.rope_meta)
             self.scatter(self.k_cache[i], slots, k)
@@ -191,7 +236,6 @@ class CachedDecoder(nn.Cell):
             mlp = layer.mlp
             gu = self._project(self.kind_gate_up, (mlp.gate_proj, mlp.up_proj), a, t)
             h = self._project(self.kind_down, (mlp.down_proj,), self.swiglu_op(gu), t)
-            norm = model.norm.weight if i == self.n_layers - 1 else layers[i + 1].input_layernorm.weight
             x, a = self.add_rms_op(x, h, norm, self.eps_t)
         last = a[:, t - 1 :, :]
         if self.quantized_head is not None:
@@ -452,7 +496,7 @@ def sample_next(
 
 
 def _decoder(
-    lm: nn.Cell, batch: int, max_len: int, lean: bool | None = None, quantized_head: str | None = None
+    lm: nn.Cell, batch: int, max_len: int, lean: bool | str | None = None, quantized_head: str | None = None
 ) -> CachedDecoder:
     """The cached decoder for (batch, max_len, lean), reused across calls (and so its compiled graphs) while
     the network keeps the same cells; a rewritten network (the pass, dequantize_model) gets a new one. At
@@ -463,9 +507,12 @@ def _decoder(
         seen = holder[0][1]
         if not (len(seen) == len(cells) and all(a is b for a, b in zip(seen, cells, strict=True))):
             holder.clear()
+    fuse = lean != "ops"
+    if lean == "ops":
+        lean = True
     want = (decode_ops.available() and get_backend() == "cpu") if lean is None else bool(lean)
     for i, (dec, _) in enumerate(holder):
-        if dec.lean != want or dec.quantized_head != quantized_head:
+        if dec.lean != want or dec.quantized_head != quantized_head or dec.fuse_layers != fuse:
             continue
         if (dec.batch, dec.max_len) == (batch, max_len):
             for p in list(dec.k_cache) + list(dec.v_cache):
@@ -473,7 +520,7 @@ def _decoder(
             return dec
         del holder[i]
         break
-    dec = CachedDecoder(lm, batch, max_len, want, quantized_head)
+    dec = CachedDecoder(lm, batch, max_len, want, quantized_head, fuse)
     holder.append((dec, cells))  # the cells themselves (not ids, which a freed cell's successor could reuse)
     return dec
 
@@ -499,7 +546,7 @@ def generate(
     seed: int | None = None,
     pad_token_id: int | None = None,
     streamer: Callable[[np.ndarray], bool | None] | None = None,
-    decode_kernels: bool | None = None,
+    decode_kernels: bool | str | None = None,
     quantized_head: str | None = None,
 ) -> np.ndarray:
     """Generate up to ``max_new_tokens`` tokens after each prompt with a KV cache.
@@ -518,8 +565,10 @@ def generate(
             generation there (the tokens so far are returned).
         decode_kernels: compute each step with the library's decode kernels (one aot kernel per RMSNorm,
             RoPE, attention and SwiGLU; q/k/v and gate/up projections fused into one kernel call each; see
-            :class:`CachedDecoder`). Default: when the C++ kernel backend is in use. False: plain
-            MindSpore ops (the reference the lean step is tested against).
+            :class:`CachedDecoder`); where every projection of the decoder is 4-bit with float32 compute,
+            each whole layer is one kernel launch (the same kernels in the same order: the same bits).
+            Default: when the C++ kernel backend is in use. False: plain MindSpore ops (the reference the
+            lean step is tested against). "ops": the decode kernels, one launch per op (for comparison).
         quantized_head: None (default): the exact float32 head. "int8" (opt-in, not exact): an int8
             row-wise copy of the float head (tied embedding or float ``lm_head``), streamed at a quarter
             of the bytes per token; greedy tokens may differ from the float head's at near-ties.
@@ -551,6 +600,8 @@ def generate(
             f"(max_seq_len / max_position_embeddings)"
         )
     s = min(limit, -(-needed // _SLOT_ROUND) * _SLOT_ROUND)
+    if not (decode_kernels is None or isinstance(decode_kernels, bool) or decode_kernels == "ops"):
+        raise GenerationError(f"decode_kernels must be None, True, False or 'ops', got {decode_kernels!r}")
     dec = _decoder(lm, b, s, decode_kernels, _check_head(quantized_head))
     n_kv = dec.n_kv
     rng = np.random.default_rng(seed) if do_sample else None

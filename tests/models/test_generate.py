@@ -128,6 +128,56 @@ def test_lean_step_fuses_the_projections_and_gives_the_plain_steps_tokens(ms_cpu
         assert f"model.layers.1.{path}.weight" in store  # one tensor per projection, as loaded
 
 
+def test_one_launch_per_layer_gives_the_per_op_steps_bits(ms_cpu, graph_mode):
+    """All-4-bit decoders run each layer as one kernel (MsbnbDecodeLayer4bit): its logits and the caches it
+    writes in place equal the per-op lean step's bit for bit, over a prefill and several decode steps of a
+    left-padded batch; a decoder with a layer it cannot take (int8) keeps one launch per op."""
+    import msbnb_pass as mb
+    from msbnb_pass.models.generation import CachedDecoder, _slots
+
+    if not decode_ops.available():
+        pytest.skip("kernel library not built")
+    net = mb.quantize(
+        LlamaForCausalLM(LlamaConfig(**TINY)),
+        mb.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+    ).net
+    s, p = 64, 5
+    fused = CachedDecoder(net, 2, s, lean=True)
+    per_op = CachedDecoder(net, 2, s, lean=True, fuse_layers=False)
+    assert (fused.fused, per_op.fused) == (True, False)
+    ids = np.array([[0, 0, 7, 8, 9], [11, 12, 13, 14, 15]], np.int32)
+    real = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
+    positions = np.maximum(np.cumsum(real, 1) - 1, 0).astype(np.int32)
+    visible = np.zeros((2, s), bool)
+    visible[:, :p] = real
+    causal = np.tril(np.ones((p, s), bool), 0)
+    mask = np.where(visible[:, None, :] & causal[None], 0.0, -1e30).astype(np.float32)
+    args = (ms.Tensor(ids), ms.Tensor(positions), ms.Tensor(mask), ms.Tensor(_slots(2, fused.n_kv, 0, p)))
+    for step in range(4):
+        a, b = fused(*args).asnumpy(), per_op(*args).asnumpy()
+        assert a.shape == (2, 96) and np.array_equal(a, b), step
+        for i in range(fused.n_layers):
+            assert np.array_equal(fused.k_cache[i].asnumpy(), per_op.k_cache[i].asnumpy())
+            assert np.array_equal(fused.v_cache[i].asnumpy(), per_op.v_cache[i].asnumpy())
+        slot = p + step
+        visible[:, slot] = True
+        nxt = a.argmax(-1).astype(np.int32)[:, None]
+        mask1 = np.where(visible[:, None, :], 0.0, -1e30).astype(np.float32)
+        pos1 = (positions[:, -1:] + step + 1).astype(np.int32)
+        args = (ms.Tensor(nxt), ms.Tensor(pos1), ms.Tensor(mask1), ms.Tensor(_slots(2, fused.n_kv, slot, 1)))
+    assert np.abs(fused.k_cache[0].asnumpy()[:, :, : p + 3]).min(axis=-1).max() > 0  # the writes landed
+    int8 = mb.quantize(LlamaForCausalLM(LlamaConfig(**TINY)), mb.BitsAndBytesConfig(load_in_8bit=True)).net
+    assert CachedDecoder(int8, 1, s, lean=True).fused is False
+    assert CachedDecoder(LlamaForCausalLM(LlamaConfig(**TINY)), 1, s, lean=True).fused is False  # float32 Dense
+    out = net.generate(ids, attention_mask=real.astype(np.int32), max_new_tokens=6)  # the default: fused
+    assert (
+        out.tolist()
+        == net.generate(ids, attention_mask=real.astype(np.int32), max_new_tokens=6, decode_kernels="ops").tolist()
+    )
+    with pytest.raises(GenerationError, match=r"decode_kernels must be None, True, False or 'ops', got 'fused'"):
+        net.generate(ids, max_new_tokens=2, decode_kernels="fused")
+
+
 def test_lean_step_runs_separate_cells_it_cannot_fuse(ms_cpu, graph_mode):
     """int8 layers (no fused kernel) run one by one inside the lean step: still the plain step's tokens."""
     import msbnb_pass as mb

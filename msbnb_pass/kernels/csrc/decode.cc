@@ -402,3 +402,162 @@ MSBNB_EXPORT int MsbnbLinearQ8(int nparam, void **params, int *ndims, int64_t **
     for (int64_t t = 0; t < ntasks; ++t) task(t);
   return 0;
 }
+
+// ---- one whole decoder layer of the lean step in one launch ----------------------------------------------------
+extern "C" int MsbnbLinear4bitMulti(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                    void *, void *);  // api.cc
+extern "C" const char *msbnb_last_error();            // api.cc
+
+namespace msbnb {
+namespace {
+
+// The argument arrays of one call of another entry point, built from tensors of this launch or buffers of it.
+struct Call {
+  std::vector<void *> p;
+  std::vector<int> nd;
+  std::vector<int64_t *> sh;
+  std::vector<const char *> dt;
+  std::vector<std::vector<int64_t>> own;  // shapes of the buffers (stable addresses: reserved up front)
+  Call() { own.reserve(16); }
+  void tensor(void *ptr, int ndim, int64_t *shape, const char *dtype) {
+    p.push_back(ptr);
+    nd.push_back(ndim);
+    sh.push_back(shape);
+    dt.push_back(dtype);
+  }
+  void buffer(float *ptr, std::vector<int64_t> shape) {
+    own.push_back(std::move(shape));
+    tensor(ptr, (int)own.back().size(), own.back().data(), "float32");
+  }
+  int run(int (*fn)(int, void **, int *, int64_t **, const char **, void *, void *)) {
+    return fn((int)p.size(), p.data(), nd.data(), sh.data(), dt.data(), nullptr, nullptr);
+  }
+};
+
+int sub_failed(const char *what, int rc, bool from_api) {
+  char copy[sizeof(g_decode_error)];
+  std::snprintf(copy, sizeof(copy), "%s", from_api ? msbnb_last_error() : g_decode_error);
+  return dfail(rc, "MsbnbDecodeLayer4bit: %s: %s", what, copy);
+}
+
+}  // namespace
+}  // namespace msbnb
+
+// A decoder layer of the lean step, for layers whose seven projections are 4-bit with float32 compute: the
+// same kernels in the same order as the per-op step (fused q/k/v projection, RoPE + split, the KV cache
+// write, attention, o projection, residual add + RMSNorm, fused gate/up, SwiGLU, down projection, residual
+// add + the next RMSNorm), so the same bits, in one launch instead of eleven (the launches, not the
+// arithmetic, dominate a small model's decode step). The caches are written in place.
+// inputs: x [B, T, H] (residual stream), a [B, T, H] (x normalised by this layer's input norm), cos, sin
+// [B, T, D], meta int64 [2] (heads, kv_heads), k_cache, v_cache [B, KV, S, D], slots int32 [B, KV, T, 3]
+// (the cache index of each new key/value), mask [B, T, S], scale [1], post-attention norm weight [H], next
+// norm weight [H], eps [1], then q, k, v, o, gate, up, down as MsbnbLinear4bitMulti takes one projection
+// (9 tensors each); outputs: x + attention + MLP [B, T, H] and its normalisation by the next norm.
+MSBNB_EXPORT int MsbnbDecodeLayer4bit(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                      void *, void *) {
+  constexpr int kFixed = 13, kProj = 9, kIn = kFixed + 7 * kProj;
+  if (nparam != kIn + 2) return dfail(1, "MsbnbDecodeLayer4bit takes %d inputs and 2 outputs, got %d", kIn, nparam);
+  const int X = 0, A = 1, COS = 2, SIN = 3, META = 4, KC = 5, VC = 6, SLOTS = 7, MASK = 8, SCALE = 9, POST = 10,
+            NEXT = 11, EPS = 12, XO = kIn, AO = kIn + 1;
+  if (ndims[X] != 3 || ndims[KC] != 4 || ndims[SLOTS] != 4 || std::strcmp(dtypes[SLOTS], "int32") != 0)
+    return dfail(3, "MsbnbDecodeLayer4bit: x [B, T, H], caches [B, KV, S, D] and int32 slots [B, KV, T, 3] expected");
+  if (std::strcmp(dtypes[META], "int64") != 0 || count(ndims[META], shapes[META]) != 2)
+    return dfail(2, "MsbnbDecodeLayer4bit: meta must be int64 [2] (heads, kv_heads)");
+  const int64_t *meta = static_cast<const int64_t *>(params[META]);
+  const int64_t B = shapes[X][0], T = shapes[X][1], H = shapes[X][2];
+  const int64_t NH = meta[0], NKV = meta[1], S = shapes[KC][2], D = shapes[KC][3];
+  if (NKV < 1 || shapes[KC][0] != B || shapes[KC][1] != NKV || count(4, shapes[VC]) != B * NKV * S * D ||
+      shapes[SLOTS][0] != B || shapes[SLOTS][1] != NKV || shapes[SLOTS][2] != T || shapes[SLOTS][3] != 3)
+    return dfail(4, "MsbnbDecodeLayer4bit: caches and slots do not match x and heads=%lld, kv_heads=%lld",
+                 (long long)NH, (long long)NKV);
+  auto proj_n = [&](int i) { return shapes[kFixed + kProj * i + 7][0]; };  // the bias [N] gives N
+  const int64_t NQKV = proj_n(0) + proj_n(1) + proj_n(2), NGU = proj_n(4) + proj_n(5), I = NGU / 2;
+  const int64_t M = B * T;
+  // the intermediates, one buffer per launch thread (reused across layers and steps)
+  static thread_local std::vector<float> buf;
+  const int64_t sizes[] = {M * NQKV, B * NH * T * D, B * NKV * T * D, B * NKV * T * D, M * NH * D, M * H,
+                           M * H,    M * H,          M * NGU,         M * I,           M * H};
+  int64_t total = 0;
+  for (int64_t s : sizes) total += s;
+  if ((int64_t)buf.size() < total) buf.resize((size_t)total);
+  float *ptrs[11];
+  float *cur = buf.data();
+  for (int i = 0; i < 11; ++i) {
+    ptrs[i] = cur;
+    cur += sizes[i];
+  }
+  float *qkv = ptrs[0], *q = ptrs[1], *k = ptrs[2], *v = ptrs[3], *o = ptrs[4], *h = ptrs[5], *x1 = ptrs[6],
+        *a1 = ptrs[7], *gu = ptrs[8], *sw = ptrs[9], *h2 = ptrs[10];
+  auto project = [&](const char *what, float *in, int64_t K, std::initializer_list<int> which, float *out,
+                     int64_t N) {
+    Call c;
+    c.buffer(in, {B, T, K});
+    for (int i : which)
+      for (int j = 0; j < kProj; ++j) {
+        const int idx = kFixed + kProj * i + j;
+        c.tensor(params[idx], ndims[idx], shapes[idx], dtypes[idx]);
+      }
+    c.buffer(out, {B, T, N});
+    const int rc = c.run(MsbnbLinear4bitMulti);
+    return rc ? sub_failed(what, rc, true) : 0;
+  };
+  if (int rc = project("q/k/v projection", static_cast<float *>(params[A]), H, {0, 1, 2}, qkv, NQKV)) return rc;
+  {
+    Call c;
+    c.buffer(qkv, {B, T, NQKV});
+    c.tensor(params[COS], ndims[COS], shapes[COS], dtypes[COS]);
+    c.tensor(params[SIN], ndims[SIN], shapes[SIN], dtypes[SIN]);
+    c.tensor(params[META], ndims[META], shapes[META], dtypes[META]);
+    c.buffer(q, {B, NH, T, D});
+    c.buffer(k, {B, NKV, T, D});
+    c.buffer(v, {B, NKV, T, D});
+    if (int rc = c.run(MsbnbRopeSplit)) return sub_failed("RoPE", rc, false);
+  }
+  {  // the cache write: what ScatterNdUpdate(cache, slots, k) does, index triple by index triple
+    const int32_t *sl = static_cast<const int32_t *>(params[SLOTS]);
+    float *kc = static_cast<float *>(params[KC]), *vc = static_cast<float *>(params[VC]);
+    for (int64_t r = 0; r < B * NKV * T; ++r) {
+      const int64_t b = sl[3 * r], hh = sl[3 * r + 1], s = sl[3 * r + 2];
+      if (b < 0 || b >= B || hh < 0 || hh >= NKV || s < 0 || s >= S)
+        return dfail(6, "MsbnbDecodeLayer4bit: slot (%lld, %lld, %lld) is outside the cache [%lld, %lld, %lld]",
+                     (long long)b, (long long)hh, (long long)s, (long long)B, (long long)NKV, (long long)S);
+      std::memcpy(kc + ((b * NKV + hh) * S + s) * D, k + r * D, sizeof(float) * D);
+      std::memcpy(vc + ((b * NKV + hh) * S + s) * D, v + r * D, sizeof(float) * D);
+    }
+  }
+  {
+    Call c;
+    c.buffer(q, {B, NH, T, D});
+    c.tensor(params[KC], ndims[KC], shapes[KC], dtypes[KC]);
+    c.tensor(params[VC], ndims[VC], shapes[VC], dtypes[VC]);
+    c.tensor(params[MASK], ndims[MASK], shapes[MASK], dtypes[MASK]);
+    c.tensor(params[SCALE], ndims[SCALE], shapes[SCALE], dtypes[SCALE]);
+    c.buffer(o, {B, T, NH * D});
+    if (int rc = c.run(MsbnbCacheAttention)) return sub_failed("attention", rc, false);
+  }
+  if (int rc = project("o projection", o, NH * D, {3}, h, H)) return rc;
+  auto add_norm = [&](const char *what, float *xin, float *hin, int W, float *xout, float *aout) {
+    Call c;
+    c.buffer(xin, {B, T, H});
+    c.buffer(hin, {B, T, H});
+    c.tensor(params[W], ndims[W], shapes[W], dtypes[W]);
+    c.tensor(params[EPS], ndims[EPS], shapes[EPS], dtypes[EPS]);
+    c.buffer(xout, {B, T, H});
+    c.buffer(aout, {B, T, H});
+    const int rc = c.run(MsbnbAddRmsNorm);
+    return rc ? sub_failed(what, rc, false) : 0;
+  };
+  if (int rc = add_norm("post-attention norm", static_cast<float *>(params[X]), h, POST, x1, a1)) return rc;
+  if (int rc = project("gate/up projection", a1, H, {4, 5}, gu, NGU)) return rc;
+  {
+    Call c;
+    c.buffer(gu, {B, T, NGU});
+    c.buffer(sw, {B, T, I});
+    if (int rc = c.run(MsbnbSwiGlu)) return sub_failed("SwiGLU", rc, false);
+  }
+  if (int rc = project("down projection", sw, I, {6}, h2, H)) return rc;
+  for (int out : {XO, AO})
+    if (!f32(dtypes[out]) || count(ndims[out], shapes[out]) != M * H)
+      return dfail(5, "MsbnbDecodeLayer4bit: the outputs must be float32 [B, T, H]");
+  return add_norm("next norm", x1, h2, NEXT, static_cast<float *>(params[XO]), static_cast<float *>(params[AO]));
+}
