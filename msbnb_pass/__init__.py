@@ -30,6 +30,10 @@ _EXPORTS = {
     # quantized cells
     "Linear8bit": "nn",
     "Linear8bitLt": "nn",
+    "Embedding4bit": "nn",
+    "Embedding8bit": "nn",
+    "EmbeddingFP4": "nn",
+    "EmbeddingNF4": "nn",
     "Linear4bit": "nn",
     # the pass
     "apply": "passes",

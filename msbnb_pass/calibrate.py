@@ -97,6 +97,8 @@ def check_samples(net: nn.Cell, calibration: Any) -> list[tuple]:
 
 def rounding_of(rule: Any, calibrated: bool) -> str:
     """The rounding a matched rule gets: its explicit ``rewrite.rounding``, else gptq when calibrating."""
+    if rule.replacement.kind == "embedding":  # a lookup table has no input activations to calibrate on
+        return "nearest"
     explicit = rule.rewrite.get("rounding")
     if explicit is not None:
         return explicit
@@ -155,6 +157,8 @@ def recording(netgraph, matches: list, keep) -> Iterator[None]:
     try:
         for m in matches:
             cand = m.candidate
+            if cand.kind == "embedding":  # its input is token ids, not activations
+                continue
             if cand.level == "cell":
                 cell = netgraph.obj(cand.anchor)
                 handles.append(cell.register_forward_pre_hook(lambda c, args, key=cand.anchor: keep(key, args[0])))

@@ -351,6 +351,10 @@ class QuantConfig:
         compute_dtype: how the quantized matmul computes: "float32", "float16", "bfloat16" or "int8"
             (activations quantized to int8 on the fly, W4A8 / W8A8; weight-only layers only, symmetric).
         modules_to_not_convert: module names kept in full precision (added to the default ``lm_head``).
+        quantize_embeddings: also quantize the lookup tables (token embeddings) in the same format
+            (``Embedding4bit`` at ``group_size`` / ``Embedding8bit``); off by default, as in transformers. A
+            table tied to the output head is kept (the pass explains why).
+        quantize_lm_head: also quantize the output head ``lm_head`` (skipped by default).
     """
 
     bits: int = 8
@@ -364,16 +368,30 @@ class QuantConfig:
     llm_int8: bool | None = None
     compute_dtype: Any = "float32"
     modules_to_not_convert: list[str] | None = field(default=None)
+    quantize_embeddings: bool = False
+    quantize_lm_head: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in (4, 8):
             raise ConfigError(f"bits must be 8 or 4, got {self.bits!r}")
-        for name in ("symmetric", "per_channel", "compress_statistics", "has_fp16_weights"):
+        for name in (
+            "symmetric",
+            "per_channel",
+            "compress_statistics",
+            "has_fp16_weights",
+            "quantize_embeddings",
+            "quantize_lm_head",
+        ):
             _check_bool(name, getattr(self, name))
         self.group_size = _check_group_size("group_size", self.group_size)
         self.threshold = _check_threshold("threshold", self.threshold)
         self.compute_dtype = _check_compute_dtype("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         self.modules_to_not_convert = _check_modules("modules_to_not_convert", self.modules_to_not_convert)
+        if self.quantize_lm_head and any(m in DEFAULT_SKIP_MODULES for m in self.modules_to_not_convert or []):
+            raise ConfigError(
+                f"quantize_lm_head=True contradicts modules_to_not_convert={self.modules_to_not_convert}, "
+                f"which lists {list(DEFAULT_SKIP_MODULES)}"
+            )
         if self.bits == 8:
             if self.quant_type is None:
                 self.quant_type = "int8"
@@ -412,7 +430,7 @@ class QuantConfig:
     @property
     def skip_modules(self) -> list[str]:
         extra = [m for m in (self.modules_to_not_convert or []) if m not in DEFAULT_SKIP_MODULES]
-        return list(DEFAULT_SKIP_MODULES) + extra
+        return ([] if self.quantize_lm_head else list(DEFAULT_SKIP_MODULES)) + extra
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -436,6 +454,12 @@ class QuantConfig:
     def to_bnb_config(self) -> BitsAndBytesConfig:
         """The equivalent transformers config; ValueError for what bitsandbytes cannot express."""
         skip = self.modules_to_not_convert
+        for name in ("quantize_embeddings", "quantize_lm_head"):
+            if getattr(self, name):
+                raise ConfigError(
+                    f"{name}=True has no BitsAndBytesConfig equivalent (transformers keeps embeddings and the "
+                    "head in full precision); use this QuantConfig, or rules, with the pass"
+                )
         if self.bits == 8:
             if not self.llm_int8:
                 raise ConfigError(

@@ -12,7 +12,7 @@ from typing import Any
 
 from .config import DEFAULT_SKIP_MODULES, BitsAndBytesConfig, QuantConfig
 from .errors import ConfigError
-from .rules import RuleSet, as_ruleset
+from .rules import Rule, RuleSet, as_ruleset
 
 __all__ = ["resolve_rules", "rules_for_config", "skip_origins"]
 
@@ -47,8 +47,36 @@ def rules_for_config(config: BitsAndBytesConfig | QuantConfig, backend: str | No
     if backend is not None:
         params["backend"] = backend
     base = RuleSet.builtin(family)
-    rules = [r.with_changes(rewrite=params, where={"exclude": list(quant.skip_modules)}) for r in base]
+    skip = {"exclude": list(quant.skip_modules)} if quant.skip_modules else {}
+    rules = [r.with_changes(rewrite=params) for r in base]
+    if skip or quant.quantize_lm_head:  # the families' own rules exclude lm_head: replace that condition
+        rules = [Rule(r.name, r.pattern, r.rewrite, skip, r.priority, r.description, r.source, r.line) for r in rules]
+    if quant.quantize_embeddings:
+        rules.append(_embedding_rule(family, quant, skip))
     return base.copy(rules)
+
+
+def _embedding_rule(family: str, quant: QuantConfig, where: dict) -> Rule:
+    """The opt-in rule for lookup tables in the config's format (``QuantConfig.quantize_embeddings``)."""
+    if quant.bits == 8:
+        rewrite: dict[str, Any] = {"to": "embedding8bit"}
+    else:
+        rewrite = {
+            "to": "embedding4bit",
+            "quant_type": quant.quant_type,
+            "blocksize": quant.group_size,
+            "double_quant": quant.compress_statistics,
+            "symmetric": quant.symmetric,
+        }
+    return Rule(
+        f"{family}-embedding",
+        "embedding-cell",
+        rewrite,
+        dict(where),
+        100,
+        "lookup tables (QuantConfig.quantize_embeddings)",
+        "QuantConfig",
+    )
 
 
 def skip_origins(config: Any) -> dict[str, str]:

@@ -45,6 +45,7 @@ class Candidate:
     bias_param_attr: str | None = None
     shared: bool = False  # the weight has other uses (a rule allowed it): quantize a copy, keep the float one
     spec: LinearSpec | None = None  # cell level: how the Linear-like cell keeps its weight, bias, activation
+    kind: str = "linear"  # or "embedding": a lookup table [num_embeddings (in_features), embedding_dim (out_features)]
 
 
 @dataclass
@@ -128,7 +129,9 @@ def _pattern_bindings(netgraph: NetGraph, rule: Rule, ruleset: RuleSet) -> list[
     for host in g.nodes:
         data = g.nodes[host]
         names = {
-            n for n, spec in pattern.nodes.items() if spec.reason(data, netgraph.obj(host), ruleset.linear_spec) is None
+            n
+            for n, spec in pattern.nodes.items()
+            if spec.reason(data, netgraph.obj(host), ruleset.linear_spec, ruleset.embedding_weight) is None
         }
         if names:
             allowed[host] = names
@@ -167,11 +170,36 @@ def _pattern_bindings(netgraph: NetGraph, rule: Rule, ruleset: RuleSet) -> list[
     return out
 
 
+def _embedding_candidate(
+    netgraph: NetGraph, rule: Rule, cell_id: str, attr: str, bindings: dict[str, str]
+) -> tuple[Candidate | None, str]:
+    if rule.replacement.kind != "embedding":
+        return None, f"an embedding (lookup table); replacement {rule.replacement.name!r} replaces a Linear"
+    params = dict(netgraph.params_of(cell_id))
+    if attr not in params:
+        return None, f"has no table parameter {attr!r}"
+    wid = params[attr]
+    w = netgraph.node(wid)
+    if w["ndim"] != 2:
+        return None, f"table {w['path']} is {w['ndim']}-D, an embedding needs a 2-D [num, dim] table"
+    num, dim = w["shape"]
+    cand = Candidate(
+        "cell", cell_id, netgraph.node(cell_id)["path"], wid, None, "out_in", int(num), int(dim), w["dtype"], bindings
+    )
+    cand.kind = "embedding"
+    return cand, ""
+
+
 def _cell_candidate(
-    netgraph: NetGraph, ruleset: RuleSet, cell_id: str, bindings: dict[str, str]
+    netgraph: NetGraph, ruleset: RuleSet, rule: Rule, cell_id: str, bindings: dict[str, str]
 ) -> tuple[Candidate | None, str]:
     cell = netgraph.obj(cell_id)
+    table = ruleset.embedding_weight(type(cell))
+    if table is not None:
+        return _embedding_candidate(netgraph, rule, cell_id, table, bindings)
     spec = ruleset.linear_spec(type(cell))
+    if spec is not None and rule.replacement.kind != "linear":
+        return None, f"a Linear-like cell; replacement {rule.replacement.name!r} replaces an embedding"
     if spec is None:
         return None, f'{type(cell).__name__} is not a registered Linear-like class (register_linear or [linear."..."])'
     params = dict(netgraph.params_of(cell_id))
@@ -265,6 +293,18 @@ def _structural_reason(netgraph: NetGraph, ruleset: RuleSet, cand: Candidate, al
     owners = [o for o, _ in w["owners"]]
     if cand.level == "cell":
         outside = [u for u in netgraph.uses(cand.weight) if netgraph.node(u)["owner"] != cand.anchor]
+        if cand.kind == "embedding":
+            for u in outside:
+                edge = next(
+                    (d for _, v, d in netgraph.graph.out_edges(cand.weight, data=True) if v == u and d.get("attr")),
+                    None,
+                )
+                if edge is not None and "." in edge["attr"]:
+                    return (
+                        f"the table is also read as '{edge['attr']}' by {netgraph.node(u)['path'] or '<root>'} "
+                        "(a tied output head): replacing the embedding cell would hand that use the packed codes, "
+                        "so it is kept even with allow_shared; untie the head to quantize both"
+                    )
         cand.shared = len(set(owners)) > 1 or bool(outside)
         if cand.shared and not allow_shared:
             others = sorted({*(o for o in owners if o != cand.anchor), *(netgraph.node(u)["path"] for u in outside)})
@@ -314,18 +354,24 @@ def find_matches(netgraph: NetGraph, ruleset: RuleSet) -> tuple[list[Match], Mat
     ruleset.refresh()
     # the weight-holding sites the trace reports on: Linear-like cells, other cells whose weights no call
     # reads (nothing else could rewrite them), and calls reading a weight outside Linear-like cells
+    # (with rules for lookup tables, embedding cells too: then the gathers inside them are not sites)
     sites: dict[str, Decision] = {}
+    embeddings = ruleset.has_embedding_rules()
+
+    def whole(cls: type) -> bool:
+        return ruleset.linear_spec(cls) is not None or (embeddings and ruleset.embedding_weight(cls) is not None)
+
     for call in netgraph.nodes("call"):
         weights = [
             u
             for u, _, d in g.in_edges(call, data=True)
             if d.get("kind") == "data" and g.nodes[u]["kind"] == "param" and g.nodes[u]["ndim"] >= 2
         ]
-        if weights and ruleset.linear_spec(type(netgraph.obj(g.nodes[call]["owner"]))) is None:
+        if weights and not whole(type(netgraph.obj(g.nodes[call]["owner"]))):
             sites[call] = Decision(g.nodes[call]["path"], "call", [g.nodes[p]["path"] for p in weights])
     for cid in netgraph.nodes("cell"):
         weights = [pid for _, pid in netgraph.params_of(cid) if netgraph.node(pid)["ndim"] >= 2]
-        linear = ruleset.linear_spec(type(netgraph.obj(cid))) is not None
+        linear = whole(type(netgraph.obj(cid)))
         if weights and (linear or not any(netgraph.uses(p) for p in weights)):
             sites[cid] = Decision(g.nodes[cid]["path"], "cell", [g.nodes[p]["path"] for p in weights])
 
@@ -337,7 +383,7 @@ def find_matches(netgraph: NetGraph, ruleset: RuleSet) -> tuple[list[Match], Mat
         for bindings in _pattern_bindings(netgraph, rule, ruleset):
             anchor = bindings[pattern.anchor]
             if pattern.level == "cell":
-                cand, why = _cell_candidate(netgraph, ruleset, anchor, bindings)
+                cand, why = _cell_candidate(netgraph, ruleset, rule, anchor, bindings)
             else:
                 cand, why = _call_candidate(netgraph, rule, bindings)
             if cand is None:
@@ -359,7 +405,9 @@ def find_matches(netgraph: NetGraph, ruleset: RuleSet) -> tuple[list[Match], Mat
             if site_id in bound_anchors:
                 decision.reasons[rule.name] = bound_anchors[site_id]
                 continue
-            reason = anchor_spec.reason(g.nodes[site_id], netgraph.obj(site_id), ruleset.linear_spec)
+            reason = anchor_spec.reason(
+                g.nodes[site_id], netgraph.obj(site_id), ruleset.linear_spec, ruleset.embedding_weight
+            )
             if reason is None:
                 reason = f"the surrounding graph does not fit pattern {pattern.name!r} (needs {_describe(pattern)})"
             decision.reasons[rule.name] = reason

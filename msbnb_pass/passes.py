@@ -214,8 +214,25 @@ def _float_output(view, x: np.ndarray) -> np.ndarray:
     return y
 
 
+def _check_embedding(match: Match, view, layer: nn.Cell, bounds, rng) -> LayerCheck:
+    """Looked-up rows of the quantized table vs the float table (scheme bound), and bit for bit vs the
+    numpy decoding of the same rows: ``KERNEL_CHECK_ROWS`` random ids and the last one."""
+    num = view.in_features
+    ids = rng.choice(num, min(num, KERNEL_CHECK_ROWS), replace=False) if num > 1 else np.zeros(1, np.int64)
+    ids = np.unique(np.append(ids, num - 1)).astype(np.int32)
+    y_q = layer(Tensor(ids)).asnumpy()
+    m = metrics(view.weight[ids], y_q)
+    exact = np.array_equal(y_q.view(np.uint32), layer.dequantized_rows(ids).view(np.uint32))
+    scheme = match.rule.scheme
+    return LayerCheck(
+        match.candidate.path, scheme, "ids", m, bound_for(scheme, bounds), exact, 0.0 if exact else np.inf
+    )
+
+
 def _check_layer(match: Match, view, layer: nn.Cell, x: np.ndarray, probe: str, bounds, rng) -> LayerCheck:
     """Quantized layer vs the float layer (scheme bound) and its kernel vs the reference (fp32 bound)."""
+    if match.candidate.kind == "embedding":
+        return _check_embedding(match, view, layer, bounds, rng)
     scheme = match.rule.scheme
     y_q = layer(Tensor(x)).asnumpy().astype(np.float64)
     if view.activation is not None:  # compare before the activation: the matmul is what changed
@@ -448,8 +465,9 @@ def _kept_layers(
             continue
         why = d.note or "no rule applies"
         ranked = sorted(ruleset, key=lambda r: (-r.priority, r.name))
-        # the most specific reason first: "the surrounding graph does not fit" says least
-        ranked.sort(key=lambda r: d.reasons.get(r.name, "").startswith("the surrounding graph"))
+        # the most specific reason first: a rule for another kind of layer, or "the surrounding graph does not
+        # fit", says least
+        ranked.sort(key=lambda r: d.reasons.get(r.name, "").startswith(("the surrounding graph", "type ")))
         for rule in ranked:
             reason = d.reasons.get(rule.name)
             if reason is None:

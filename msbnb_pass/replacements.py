@@ -1,4 +1,5 @@
-"""The built-in replacements: a float Linear (as a LinearView) -> a quantized cell.
+"""The built-in replacements: a float Linear (as a LinearView) or lookup table (an EmbeddingView) -> a
+quantized cell.
 
 A ``Replacement`` is a named factory with the parameters it accepts, their defaults, a validator that
 refuses bad values when a rule is *loaded* (not when the first layer is built) and the scheme name used
@@ -46,6 +47,24 @@ class LinearView:
         return int(self.weight.shape[0])
 
 
+@dataclass
+class EmbeddingView:
+    """A float lookup table ``[num_embeddings, embedding_dim]``: ``y = weight[ids]``."""
+
+    path: str
+    weight: np.ndarray  # float32 [num_embeddings, embedding_dim]
+    bias: None = None
+    activation: None = None
+
+    @property
+    def in_features(self) -> int:  # the one-hot view: ids in [0, num_embeddings)
+        return int(self.weight.shape[0])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[1])
+
+
 def _no_check(params: Mapping[str, Any]) -> None:
     return None
 
@@ -56,7 +75,8 @@ class Replacement:
 
     ``params`` maps every accepted parameter to its default; ``scheme(params)`` names the quantization
     scheme (reports, default verification bounds); ``validate(params)`` raises ValueError naming the
-    parameter, its value and what is accepted.
+    parameter, its value and what is accepted. ``kind`` is what it replaces: "linear" (built from a
+    ``LinearView``) or "embedding" (built from an ``EmbeddingView``).
     """
 
     name: str
@@ -64,6 +84,7 @@ class Replacement:
     params: Mapping[str, Any]
     scheme: Callable[[dict], str]
     validate: Callable[[Mapping[str, Any]], None] = field(default=_no_check)
+    kind: str = "linear"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
@@ -145,6 +166,15 @@ def _validate_llm_int8(p: Mapping[str, Any]) -> None:
     _backend(p["backend"])
 
 
+def _validate_embedding4bit(p: Mapping[str, Any]) -> None:
+    _one_of("quant_type", p["quant_type"], QUANT_TYPES_4BIT)
+    _one_of("blocksize", p["blocksize"], VALID_BLOCKSIZES)
+    _bool("double_quant", p["double_quant"])
+    _bool("symmetric", p["symmetric"])
+    if not p["symmetric"] and p["quant_type"] != "int4":
+        raise ValueError(f"rewrite.symmetric = false is only defined for quant_type 'int4', got {p['quant_type']!r}")
+
+
 # ---- the built-in factories ---------------------------------------------------------------------------------
 def _scheme_4bit(p: dict) -> str:
     return p["quant_type"] + ("_asym" if not p["symmetric"] else "")
@@ -199,6 +229,25 @@ def linear8bitlt(view: LinearView, threshold, has_fp16_weights, backend, roundin
     return _from_view(Linear8bitLt, view, threshold=threshold, has_fp16_weights=has_fp16_weights, backend=backend)
 
 
+def embedding4bit(view: EmbeddingView, quant_type, blocksize, double_quant, symmetric):
+    from .nn import Embedding4bit
+
+    return Embedding4bit.from_float(
+        view.weight,
+        view.path or None,
+        quant_type=quant_type,
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        symmetric=symmetric,
+    )
+
+
+def embedding8bit(view: EmbeddingView):
+    from .nn import Embedding8bit
+
+    return Embedding8bit.from_float(view.weight, view.path or None)
+
+
 BUILTIN_REPLACEMENTS: Mapping[str, Replacement] = MappingProxyType(
     {
         "linear4bit": Replacement(
@@ -236,6 +285,18 @@ BUILTIN_REPLACEMENTS: Mapping[str, Replacement] = MappingProxyType(
             {"threshold": 6.0, "has_fp16_weights": False, "backend": None, "rounding": "nearest"},
             _fixed_scheme("llm_int8"),
             _validate_llm_int8,
+        ),
+        # lookup tables (pattern "embedding-cell"); bitsandbytes' Embedding4bit has no double quant by default
+        "embedding4bit": Replacement(
+            "embedding4bit",
+            embedding4bit,
+            {"quant_type": "nf4", "blocksize": 64, "double_quant": False, "symmetric": True},
+            _scheme_4bit,
+            _validate_embedding4bit,
+            kind="embedding",
+        ),
+        "embedding8bit": Replacement(
+            "embedding8bit", embedding8bit, {}, _fixed_scheme("int8"), _no_check, kind="embedding"
         ),
     }
 )

@@ -29,7 +29,7 @@ from .errors import RewriteError
 from .formats._checks import check_finite
 from .graph import NetGraph
 from .match import Candidate, Match
-from .replacements import LinearView
+from .replacements import EmbeddingView, LinearView
 
 logger = logging.getLogger(__name__)
 
@@ -156,11 +156,14 @@ def _replace_attr(obj: nn.Cell, attr: str, new: Any) -> None:
 
 
 # ---- views of the float layer ----------------------------------------------------------------------------------
-def linear_view(netgraph: NetGraph, cand: Candidate) -> LinearView:
-    """The float layer a candidate rewrites, as ``y = activation(x @ W.T + b)``."""
+def linear_view(netgraph: NetGraph, cand: Candidate) -> LinearView | EmbeddingView:
+    """The float layer a candidate rewrites, as ``y = activation(x @ W.T + b)`` (a lookup table: its
+    ``[num, dim]`` table as an EmbeddingView)."""
     w = netgraph.obj(cand.weight).asnumpy()
     if w.dtype.kind == "f":  # NaN/Inf, or float64 values beyond float32: name the layer, index and value
         check_finite(w, f"{cand.path or '<root>'}: weight '{netgraph.node(cand.weight)['path']}'")
+    if cand.kind == "embedding":
+        return EmbeddingView(cand.path, np.ascontiguousarray(w, dtype=np.float32))
     weight = np.ascontiguousarray(w.T if cand.layout == "in_out" else w, dtype=np.float32)
     bias = netgraph.obj(cand.bias).asnumpy().astype(np.float32) if cand.bias else None
     activation = None

@@ -119,6 +119,17 @@ BUILTIN_LINEARS: Mapping[str, LinearSpec] = MappingProxyType(
 )
 
 
+# The built-in embedding (lookup table) classes, by public name -> the attribute holding the [num, dim] table.
+# Pattern type "@embedding" matches them; they are rewritten only by rules that name them (opt-in).
+BUILTIN_EMBEDDINGS: Mapping[str, str] = MappingProxyType(
+    {
+        "msbnb_pass.models._layers.Embedding": "weight",
+        "mindspore.nn.Embedding": "embedding_table",
+        "mindspore.mint.nn.Embedding": "weight",
+    }
+)
+
+
 def class_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -382,11 +393,18 @@ class NodeSpec:
     attrs: tuple[tuple[str, Any], ...] = ()
     subclasses: bool = False
 
-    def reason(self, data: dict, obj: Any = None, linear_spec: LinearLookup | None = None) -> str | None:
-        """Why a node does not satisfy this spec (None when it does). ``linear_spec`` answers ``@linear``."""
+    def reason(
+        self,
+        data: dict,
+        obj: Any = None,
+        linear_spec: LinearLookup | None = None,
+        embedding_weight: Callable[[type], str | None] | None = None,
+    ) -> str | None:
+        """Why a node does not satisfy this spec (None when it does). ``linear_spec`` answers ``@linear``,
+        ``embedding_weight`` ``@embedding``."""
         if data.get("kind") != self.kind:
             return f"is a {data.get('kind')}, not a {self.kind}"
-        if self.type and not self._type_ok(data, obj, linear_spec):
+        if self.type and not self._type_ok(data, obj, linear_spec, embedding_weight):
             return f"type {data.get('type_name')} is not one of {list(self.type)}"
         if self.callee and data.get("callee") not in self.callee:
             what = {"function": "a functional call that cannot be rewritten in place"}.get(data.get("callee"))
@@ -400,11 +418,21 @@ class NodeSpec:
                 return f"{k}={data.get('prim_attrs', {}).get(k)!r}, the pattern needs {v!r}"
         return None
 
-    def _type_ok(self, data: dict, obj: Any, linear_spec: LinearLookup | None) -> bool:
+    def _type_ok(
+        self,
+        data: dict,
+        obj: Any,
+        linear_spec: LinearLookup | None,
+        embedding_weight: Callable[[type], str | None] | None = None,
+    ) -> bool:
         cls = type(obj) if obj is not None else None
         for name in self.type:
             if name == "@linear":
                 if cls is not None and linear_spec is not None and linear_spec(cls) is not None:
+                    return True
+                continue
+            if name == "@embedding":
+                if cls is not None and embedding_weight is not None and embedding_weight(cls) is not None:
                     return True
                 continue
             if name in (data.get("type"), data.get("type_name")):
@@ -445,6 +473,17 @@ class Pattern:
     def level(self) -> str:
         """ "cell" when the anchor is a cell (whole-layer swap), "call" for primitive substitution."""
         return self.nodes[self.anchor].kind
+
+    @property
+    def target(self) -> str | None:
+        """What the anchor is: "embedding" (type ``@embedding`` only), "linear" (``@linear`` or a call), or
+        None when the pattern names classes (decided per matched cell)."""
+        anchor = self.nodes[self.anchor]
+        if anchor.kind == "call" or "@linear" in anchor.type:
+            return "linear"
+        if anchor.type and all(t == "@embedding" for t in anchor.type):
+            return "embedding"
+        return None
 
 
 # ---- rules ---------------------------------------------------------------------------------------------------------
@@ -546,6 +585,7 @@ class RuleSet:
         self._checks: dict[str, Check] = {**BUILTIN_CHECKS, **_DEFAULTS.checks}
         self._replacements: dict[str, Replacement] = {**BUILTIN_REPLACEMENTS, **_DEFAULTS.replacements}
         self._spec_cache: dict[type, LinearSpec | None] = {}
+        self._embedding_cache: dict[type, str | None] = {}
         self.rules: list[Rule] = []
         for r in rules:
             self.add(r)
@@ -617,6 +657,21 @@ class RuleSet:
     def refresh(self) -> None:
         """Forget which classes the names resolved to (the matcher calls it before each run)."""
         self._spec_cache.clear()
+        self._embedding_cache.clear()
+
+    def embedding_weight(self, cls: type) -> str | None:
+        """The attribute holding the table of an embedding class (``BUILTIN_EMBEDDINGS``), or None."""
+        if cls not in self._embedding_cache:
+            attr = BUILTIN_EMBEDDINGS.get(class_name(cls))
+            for name, value in BUILTIN_EMBEDDINGS.items():
+                if attr is None and resolve_loaded(name) is cls:
+                    attr = value
+            self._embedding_cache[cls] = attr
+        return self._embedding_cache[cls]
+
+    def has_embedding_rules(self) -> bool:
+        """Whether a rule replaces lookup tables (then embedding cells are sites of the match trace)."""
+        return any(r.replacement.kind == "embedding" for r in self.rules)
 
     def _linear_spec(self, cls: type) -> LinearSpec | None:
         found: list[tuple[LinearSpec, str]] = []
@@ -687,6 +742,13 @@ class RuleSet:
                 f"{did_you_mean(str(to), self._replacements)}; known: {sorted(self._replacements)}"
             )
         repl = self._replacements[to]
+        target = pattern.target
+        if target is not None and target != repl.kind:
+            raise RuleError(
+                f"{rule.origin('to')}: replacement {to!r} replaces a {repl.kind}, but pattern {pattern.name!r} "
+                f"matches {target} {'cells' if target == 'embedding' else 'layers'}; "
+                + ("use 'embedding4bit' or 'embedding8bit'" if target == "embedding" else "use a linear replacement")
+            )
         for key in rule.rewrite:
             if key != "to" and key not in repl.params:
                 raise RuleError(
@@ -732,6 +794,7 @@ class RuleSet:
         out._checks = dict(self._checks)
         out._replacements = dict(self._replacements)
         out._spec_cache = {}
+        out._embedding_cache = {}
         out.rules = []
         for r in self.rules if rules is None else rules:
             out.add(r)
@@ -943,10 +1006,14 @@ BUILTIN_FAMILIES = ("int8", "llm_int8", "nf4", "fp4", "int4")
 
 
 def _builtin_text(filename: str) -> str:
+    # a source checkout reads its own rules/ (an editable install's msbnb_pass._rules may be another checkout's)
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "rules" / filename).is_file():
+        return (root / "rules" / filename).read_text(encoding="utf-8")
     try:
         return resources.files("msbnb_pass._rules").joinpath(filename).read_text(encoding="utf-8")
     except (ModuleNotFoundError, FileNotFoundError):  # running from a source tree that is not installed
-        return (Path(__file__).resolve().parents[1] / "rules" / filename).read_text(encoding="utf-8")
+        return (root / "rules" / filename).read_text(encoding="utf-8")
 
 
 @cache
@@ -958,7 +1025,7 @@ def _builtin_patterns() -> tuple[Pattern, ...]:
 
 
 def builtin_patterns() -> list[Pattern]:
-    """The patterns of rules/patterns.toml (linear-cell, matmul-param, matmul-param-bias)."""
+    """The patterns of rules/patterns.toml (linear-cell, embedding-cell, matmul-param, matmul-param-bias)."""
     return list(_builtin_patterns())
 
 
@@ -994,7 +1061,7 @@ def _pattern_from_data(name: str, body: Any, locate: _Locator, allow_imports: Se
             if not all(isinstance(v, str) and v for v in values):
                 raise RuleError(f"{where}: nodes.{node_name}.{key} must be a string or a list of strings")
         for type_name in _tuple(spec.get("type", ())):
-            if type_name != "@linear" and "." in type_name:
+            if type_name not in ("@linear", "@embedding") and "." in type_name:
                 _check_class_name(type_name, f"{where}: nodes.{node_name}.type", allow_imports)
         ndim = spec.get("ndim")
         if ndim is not None and (isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 0):

@@ -29,7 +29,7 @@ def test_builtin_families():
         ("[[rule]\nname = 'x'", r"bad.toml: TOML syntax error"),
         (
             "[[rule]]\nname = 'r1'\npattern = 'nope'\nrewrite = { to = 'linear4bit' }",
-            r"bad.toml:1: rule 'r1': unknown pattern 'nope'; known: \['linear-cell'",
+            r"bad.toml:1: rule 'r1': unknown pattern 'nope'; known: \['embedding-cell', 'linear-cell'",
         ),
         (
             "[[rule]]\nname = 'r2'\npattern = 'linear-cell'\nrewrite = { to = 'linear5bit' }",

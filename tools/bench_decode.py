@@ -24,6 +24,8 @@ process just before the timing (every core summing a 1 GiB buffer, median of 5),
 limit the measured decode speed reaches.
 
 Variants: fp32, int8 (weight-only), llm_int8 (threshold 6), nf4 (+ double quantization, blocksize 64),
+nf4_all (nf4, and the token embedding and an untied ``lm_head`` too: ``QuantConfig(quantize_embeddings=True,
+quantize_lm_head=True)``; a tied embedding, SmolLM2's, stays float, so there it equals nf4),
 nf4_bf16 / nf4_int8 / int8_int8 (compute_dtype bfloat16 / int8), q4_1 (SmolLM2's GGUF as stored).
 
 ``--paths``: which decode step to time, ``lean`` (the library's decode kernels and fused projections, what
@@ -53,7 +55,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PATHS = {"lean": True, "ops": "ops", "plain": False}  # --paths -> generate(decode_kernels=...)
-VARIANTS = ("fp32", "int8", "llm_int8", "nf4", "nf4_bf16", "nf4_int8", "int8_int8", "q4_1")
+VARIANTS = ("fp32", "int8", "llm_int8", "nf4", "nf4_all", "nf4_bf16", "nf4_int8", "int8_int8", "q4_1")
 LLAMA08B = dict(
     vocab_size=32000,
     hidden_size=2048,
@@ -85,6 +87,14 @@ def _config(variant: str):
         "int8_int8": QuantConfig(bits=8, compute_dtype="int8"),
         "llm_int8": BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0),
         "nf4": QuantConfig(bits=4, quant_type="nf4", group_size=64, compress_statistics=True),
+        "nf4_all": QuantConfig(
+            bits=4,
+            quant_type="nf4",
+            group_size=64,
+            compress_statistics=True,
+            quantize_embeddings=True,
+            quantize_lm_head=True,
+        ),
         "nf4_bf16": QuantConfig(
             bits=4, quant_type="nf4", group_size=64, compress_statistics=True, compute_dtype="bfloat16"
         ),

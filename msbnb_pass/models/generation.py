@@ -74,6 +74,12 @@ class CachedDecoder(nn.Cell):
     ):
         super().__init__()
         cfg = lm.config
+        table = getattr(lm.model.embed_tokens, "weight", None)
+        if lm.tied and (table is None or table.dtype not in (ms.float32, ms.float16)):
+            raise GenerationError(
+                f"the output head is tied to the token embedding, which is a {type(lm.model.embed_tokens).__name__} "
+                "without a float table; quantize an untied model's embedding (the pass keeps a tied one)"
+            )
         self.lm = lm
         self.n_layers = int(cfg.num_hidden_layers)
         self.n_heads = int(cfg.num_attention_heads)

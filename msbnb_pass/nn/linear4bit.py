@@ -6,17 +6,18 @@ from typing import Any
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, nn
+from mindspore import nn
 
 from .. import formats
 from ..config import dtype_to_str
-from ..errors import CheckpointError, CheckpointKeyError, QuantizationError
+from ..errors import QuantizationError
 from ..formats import _checks
 from ..formats.codebooks import QUANT_TYPES_4BIT
-from ..formats.quant_state import QuantState, to_numpy
+from ..formats.quant_state import QuantState
 from ..kernels import kernel_class
 from ..kernels import quantize as fast
-from ._base import QuantLinear, _checked_bias, check_finite_stats, default_init
+from ._base import QuantLinear, _checked_bias, default_init
+from ._packed4bit import Packed4bitWeight, read_packed_4bit
 
 # compute dtype -> (dtype the input is cast to before the kernel or None, the kernel's compute mode)
 COMPUTE_DTYPES = {
@@ -27,7 +28,7 @@ COMPUTE_DTYPES = {
 }
 
 
-class Linear4bit(QuantLinear):
+class Linear4bit(Packed4bitWeight, QuantLinear):
     """``y = x @ dequant(W)^T + b`` with W stored as packed 4-bit codes and blockwise absmax.
 
     Args:
@@ -76,6 +77,7 @@ class Linear4bit(QuantLinear):
     ):
         super().__init__(in_features, out_features, bias, layer_name)
         owner = self.layer_name
+        self._weight_shape = (self.out_features, self.in_features)
         if blocksize is not None and group_size is not None and blocksize != group_size:
             raise ValueError(f"{owner}: blocksize={blocksize} and group_size={group_size} disagree (they are aliases)")
         blocksize = blocksize if blocksize is not None else (group_size if group_size is not None else 64)
@@ -134,48 +136,6 @@ class Linear4bit(QuantLinear):
             self.compute_mode,
         )
 
-    def _load_quantized(self, packed: np.ndarray, qs: QuantState) -> None:
-        owner = self.layer_name
-        n = self.in_features * self.out_features
-        if tuple(qs.shape) != (self.out_features, self.in_features):
-            raise ValueError(
-                f"{owner}: quant_state.shape {tuple(qs.shape)} != ({self.out_features}, {self.in_features})"
-            )
-        if packed.dtype != np.uint8 or packed.size != (n + 1) // 2:
-            raise ValueError(
-                f"{owner}: packed weight must be uint8 with {(n + 1) // 2} bytes, got {packed.dtype} {packed.size}"
-            )
-        if qs.quant_type != self.quant_type or qs.blocksize != self.blocksize:
-            raise ValueError(
-                f"{owner}: quant_state is {qs.quant_type}/blocksize {qs.blocksize}, the layer {self.quant_type}/{self.blocksize}"
-            )
-        check_finite_stats(
-            owner,
-            absmax=qs.absmax if not qs.nested else None,
-            nested_absmax=qs.state2.absmax if qs.nested else None,
-            offset=None if qs.offset is None else np.asarray([qs.offset], np.float32),
-            block_offset=qs.block_offset,
-        )
-        self.quant_state = qs
-        self.compress_statistics = qs.nested
-        self.symmetric = qs.symmetric
-        one = np.zeros(1, np.float32)
-        self.weight = self._param(packed.reshape(-1, 1), "weight")
-        self.weight_absmax = self._param(qs.absmax, "weight_absmax")
-        self.weight_quant_map = self._param(qs.code.astype(np.float32), "weight_quant_map")
-        if qs.nested:
-            self.weight_nested_absmax = self._param(qs.state2.absmax.astype(np.float32), "weight_nested_absmax")
-            self.weight_nested_quant_map = self._param(qs.state2.code.astype(np.float32), "weight_nested_quant_map")
-            self.weight_nested_offset = self._param(np.array([qs.offset], np.float32), "weight_nested_offset")
-        else:  # constants, not parameters: nothing to store
-            self.weight_nested_absmax = Tensor(one)
-            self.weight_nested_quant_map = Tensor(one)
-            self.weight_nested_offset = Tensor(one)
-        if qs.block_offset is not None:
-            self.weight_block_offset = self._param(qs.block_offset.astype(np.float32), "weight_block_offset")
-        else:
-            self.weight_block_offset = Tensor(one)
-
     def construct(self, x):
         self._check_input(x)
         xc = x
@@ -222,22 +182,7 @@ class Linear4bit(QuantLinear):
     @classmethod
     def from_bnb_state_dict(cls, state_dict: dict, prefix: str = "", **kwargs: Any) -> Linear4bit:
         """Build from bitsandbytes' state-dict entries (``<prefix>weight``, ``<prefix>weight.absmax``, ...)."""
-        qs = QuantState.from_state_dict(f"{prefix}weight", state_dict)
-        key = f"{prefix}weight"
-        if key not in state_dict:
-            raise CheckpointKeyError(f"state dict lacks '{key}' (the packed 4-bit weight) needed by Linear4bit")
-        if len(qs.shape) != 2:
-            raise CheckpointError(
-                f"'{key}': a Linear4bit weight must be 2-D [out, in], the quant state says {qs.shape}"
-            )
-        raw = np.ascontiguousarray(to_numpy(state_dict[key]))
-        n = qs.numel
-        if raw.nbytes != (n + 1) // 2:
-            raise CheckpointError(
-                f"'{key}' must hold {(n + 1) // 2} bytes of packed 4-bit codes for shape {list(qs.shape)}, "
-                f"got {raw.dtype} of shape {list(raw.shape)} ({raw.nbytes} bytes)"
-            )
-        packed = raw.reshape(-1).view(np.uint8)
+        qs, packed = read_packed_4bit(state_dict, prefix, "Linear4bit", "[out, in]")
         bias = state_dict.get(f"{prefix}bias")
         out_features, in_features = qs.shape
         if bias is not None:
@@ -258,36 +203,10 @@ class Linear4bit(QuantLinear):
 
     def bnb_state_dict(self, prefix: str = "") -> dict[str, np.ndarray]:
         """This layer's state dict with bitsandbytes' keys (what transformers saves for a Linear4bit)."""
-        sd = {f"{prefix}weight": self.weight.asnumpy().copy()}
+        sd = self._weight_state_dict(prefix)
         if self.has_bias:
             sd[f"{prefix}bias"] = self.bias.asnumpy().copy()
-        sd.update(self.current_quant_state().to_state_dict(f"{prefix}weight"))
         return sd
-
-    def current_quant_state(self) -> QuantState:
-        """The QuantState of the parameters as they are now (after any checkpoint load)."""
-        qs = self.quant_state
-        state2 = None
-        if qs.nested:
-            state2 = QuantState(
-                quant_type="dynamic",
-                blocksize=qs.state2.blocksize,
-                dtype="float32",
-                shape=qs.state2.shape,
-                absmax=self.weight_nested_absmax.asnumpy().copy(),
-                code=self.weight_nested_quant_map.asnumpy().copy(),
-            )
-        return QuantState(
-            quant_type=qs.quant_type,
-            blocksize=qs.blocksize,
-            dtype=qs.dtype,
-            shape=qs.shape,
-            absmax=self.weight_absmax.asnumpy().copy(),
-            code=self.weight_quant_map.asnumpy().copy(),
-            state2=state2,
-            offset=np.float32(self.weight_nested_offset.asnumpy()[0]) if qs.nested else None,
-            block_offset=self.weight_block_offset.asnumpy().copy() if qs.block_offset is not None else None,
-        )
 
     def dequantized_weight(self) -> np.ndarray:
         return formats.dequantize_4bit(self.weight.asnumpy(), self.current_quant_state())
