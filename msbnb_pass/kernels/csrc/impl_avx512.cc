@@ -579,12 +579,92 @@ void i8_small(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, cons
   });
 }
 
+// The int8-compute weight scales of row n, blocks [0, nb): i8_wscale's float operations, 16 blocks at a time
+// where the absmax is double-quantized (two gathers), so the same values.
+void i8_row_scales(const W4 &w, int64_t n, int64_t nb, float *out) {
+  const int64_t base = n * nb;
+  int64_t b = 0;
+  if (!w.absmax && w.nested_shift >= 4 && w.nested_shift < 31) {
+    const __m512 inv = _mm512_set1_ps(kInv127f), off = _mm512_set1_ps(w.nested_offset);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const int64_t low = (int64_t(1) << w.nested_shift) - 1;
+    for (; b + 16 <= nb; b += 16) {
+      const int64_t g = base + b;
+      const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w.qabsmax + g)));
+      const __m512 code = _mm512_i32gather_ps(q, w.nested_code, 4);
+      // 16 blocks span at most two nested blocks (nested blocksize >= 16): index them from g's
+      const __m512i ni = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32((int)(g & low)), lane), w.nested_shift);
+      const __m512 na = _mm512_i32gather_ps(ni, w.nested_absmax + (g >> w.nested_shift), 4);
+      _mm512_storeu_ps(out + b, _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(code, na), off), inv));
+    }
+  }
+  for (; b < nb; ++b) out[b] = w.scale(base + b) * kInv127f;
+}
+
+// One row of x (M = 1, decoding) against 4-bit weights, int8 compute: i8_small's arithmetic (the same bits),
+// with the codes decoded in registers: 32 packed bytes are broadcast to both halves of a vector, the upper
+// half shifted right by 4, both masked to nibbles and mapped to unsigned levels by one vpshufb, so the 64
+// lanes hold the block's odd elements then its even ones; x is permuted to that order once per call.
+void i8_gemv4(const ActQ &a, int64_t K, int64_t N, const W4 &w, float *y) {
+  const int64_t nb = a.nb, B = a.B;
+  int8_t lv[16];
+  alignas(16) uint8_t lut_bytes[16];
+  code_levels(w.code, lv);
+  for (int i = 0; i < 16; ++i) lut_bytes[i] = (uint8_t)(lv[i] + 128);
+  const __m512i lut512 = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i *>(lut_bytes)));
+  int8_t *xp = static_cast<int8_t *>(scratch(6, (size_t)K + 64));
+  for (int64_t c = 0; c < K; c += 64)
+    for (int64_t j = 0; j < 32; ++j) {
+      xp[c + j] = a.q[c + 2 * j + 1];
+      xp[c + 32 + j] = a.q[c + 2 * j];
+    }
+  const int64_t groups = ceil_div(N, 16);
+  const int64_t per_task = imax(1, ceil_div(groups, 8 * num_threads()));
+  parallel_tasks(ceil_div(groups, per_task), [&](int64_t t) {
+    float *wsT = static_cast<float *>(scratch(0, sizeof(float) * (size_t)(17 * nb + 16)));  // [nb][16], + a row
+    float *row_s = wsT + 16 * nb;
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    for (int64_t g = t * per_task; g < imin(groups, (t + 1) * per_task); ++g) {
+      const int64_t n0 = g * 16;
+      const int rc = (int)imin(16, N - n0);
+      const uint8_t *rows[16];
+      for (int r = 0; r < 16; ++r) {
+        const int64_t nn = n0 + (r < rc ? r : 0);
+        rows[r] = w.packed + nn * (K / 2);
+        i8_row_scales(w, nn, nb, row_s);
+        for (int64_t b = 0; b < nb; ++b) wsT[b * 16 + r] = row_s[b];
+      }
+      __m512 facc = _mm512_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t k0 = b * B, k1 = imin(K, k0 + B);
+        __m512i v[16];
+        for (int r = 0; r < 16; ++r) v[r] = _mm512_setzero_si512();
+        for (int64_t k = k0; k < k1; k += 64) {
+          const __m512i xv = _mm512_loadu_si512(xp + k);
+          for (int r = 0; r < 16; ++r) {
+            const __m512i bytes = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(rows[r] + k / 2)));
+            const __m512i codes = _mm512_and_si512(_mm512_mask_srli_epi16(bytes, (__mmask32)0xFFFF0000u, bytes, 4), nib);
+            v[r] = dpbusd_inplace(v[r], _mm512_shuffle_epi8(lut512, codes), xv);
+          }
+        }
+        const __m512i dot = _mm512_add_epi32(hsum16(v), _mm512_set1_epi32(-128 * a.qsum[b]));
+        const __m512 s = _mm512_mul_ps(_mm512_set1_ps(a.s[b]), _mm512_loadu_ps(wsT + b * 16));
+        facc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, facc);
+      }
+      alignas(64) float out[16];
+      _mm512_store_ps(out, facc);
+      for (int r = 0; r < rc; ++r) y[n0 + r] = out[r];
+    }
+  });
+}
+
 void i8_gemm_rows(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const W8 *w8, float *y);
 
 // Blocks of 128 rows of x, so that the transposed activations of a block (K/4 x 128 dwords: 512 KB at
 // K = 4096) stay in L2 while every weight row passes over them; the weights are decoded once per block.
 constexpr int64_t kI8MB = 128;
 void i8_gemm(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const W8 *w8, float *y) {
+  if (M == 1 && w4 && a.B % 64 == 0 && K % 64 == 0) return i8_gemv4(a, K, N, *w4, y);
   if (M <= 4 && a.B % 64 == 0 && K % 64 == 0) return i8_small(a, M, K, N, w4, w8, y);
   for (int64_t mb0 = 0; mb0 < M; mb0 += kI8MB) {
     ActQ part = a;
