@@ -22,6 +22,7 @@ int MsbnbLinear4bitDx(int, void **, int *, int64_t **, const char **, void *, vo
 int MsbnbLinear8bit(int, void **, int *, int64_t **, const char **, void *, void *);
 int MsbnbLinear8bitDx(int, void **, int *, int64_t **, const char **, void *, void *);
 int MsbnbLlmInt8(int, void **, int *, int64_t **, const char **, void *, void *);
+int MsbnbDecodeLayer4bit(int, void **, int *, int64_t **, const char **, void *, void *);
 int msbnb_set_isa(const char *);
 int msbnb_isa_supported(const char *);
 void msbnb_set_num_threads(int);
@@ -269,6 +270,63 @@ void test_8bit(int64_t N, int64_t K, int64_t M, bool asym, float threshold) {
   expect(worst < 0.05, "llm_int8 vs float reference", worst);
 }
 
+// One 4-bit projection as MsbnbLinear4bitMulti / MsbnbDecodeLayer4bit take it (9 tensors, exact sizes).
+struct Proj4 {
+  Arg packed, absmax, code, nabs, ncode, noff, boff, bias, meta;
+  Proj4(int64_t N, int64_t K, int64_t bs)
+      : packed({(N * K + 1) / 2}, "uint8"), absmax({(N * K + bs - 1) / bs}, "float32"), code({16}, "float32"),
+        nabs({1}, "float32"), ncode({1}, "float32"), noff({1}, "float32"), boff({1}, "float32"),
+        bias({N}, "float32"), meta({4}, "int64") {
+    std::vector<float> W((size_t)(N * K));
+    for (auto &v : W) v = randn() * 0.05f;
+    uint8_t order[16];
+    for (int i = 0; i < 16; ++i) order[i] = (uint8_t)i;
+    msbnb_quantize_4bit(W.data(), N * K, bs, kNF4, order, 1, packed.as<uint8_t>(), absmax.as<float>(), nullptr);
+    std::memcpy(code.as<float>(), kNF4, 64);
+    int64_t *mt = meta.as<int64_t>();
+    mt[0] = K, mt[1] = bs, mt[2] = 256, mt[3] = 0;  // no bias, symmetric, float32 compute
+  }
+  void append(std::vector<Arg *> &args) {
+    for (Arg *a : {&packed, &absmax, &code, &nabs, &ncode, &noff, &boff, &bias, &meta}) args.push_back(a);
+  }
+};
+
+// A whole decoder layer (grouped-query heads, a cache of S slots, T new positions per sequence).
+void test_decode_layer(int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t D, int64_t I, int64_t S) {
+  const int64_t H = NH * D;
+  Arg x({B, T, H}, "float32"), a({B, T, H}, "float32"), cs({B, T, D}, "float32"), sn({B, T, D}, "float32"),
+      meta({2}, "int64"), kc({B, NKV, S, D}, "float32"), vc({B, NKV, S, D}, "float32"), slots({B, NKV, T, 3}, "int32"),
+      mask({B, T, S}, "float32"), scale({1}, "float32"), post({H}, "float32"), next({H}, "float32"), eps({1}, "float32"),
+      xo({B, T, H}, "float32"), ao({B, T, H}, "float32");
+  for (Arg *t : {&x, &a, &cs, &sn, &post, &next})
+    for (size_t i = 0; i < t->count(); ++i) t->as<float>()[i] = randn();
+  meta.as<int64_t>()[0] = NH, meta.as<int64_t>()[1] = NKV;
+  const int64_t start = S - T;  // the new keys go to the last T slots; every slot is visible
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < NKV; ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        int32_t *r = slots.as<int32_t>() + ((b * NKV + h) * T + t) * 3;
+        r[0] = (int32_t)b, r[1] = (int32_t)h, r[2] = (int32_t)(start + t);
+      }
+  scale.as<float>()[0] = 1.f / std::sqrt((float)D);
+  eps.as<float>()[0] = 1e-5f;
+  Proj4 q(NH * D, H, 64), k(NKV * D, H, 64), v(NKV * D, H, 64), o(H, NH * D, 64), g(I, H, 64), u(I, H, 64),
+      dn(H, I, 64);
+  std::vector<Arg *> args = {&x, &a, &cs, &sn, &meta, &kc, &vc, &slots, &mask, &scale, &post, &next, &eps};
+  for (Proj4 *pr : {&q, &k, &v, &o, &g, &u, &dn}) pr->append(args);
+  args.push_back(&xo);
+  args.push_back(&ao);
+  expect(call(MsbnbDecodeLayer4bit, args) == 0, "decode layer rc", 0);
+  bool finite = true, written = false;
+  for (size_t i = 0; i < xo.count(); ++i) finite = finite && std::isfinite(xo.as<float>()[i]) && std::isfinite(ao.as<float>()[i]);
+  for (int64_t d = 0; d < D; ++d) written = written || kc.as<float>()[(S - 1) * D + d] != 0.f;
+  expect(finite && written, "decode layer output finite, cache written", 0);
+  slots.as<int32_t>()[2] = (int32_t)S;  // a slot outside the cache: refused, nothing written out of bounds
+  expect(call(MsbnbDecodeLayer4bit, args) != 0, "decode layer bad slot rejected", 0);
+  args.pop_back();
+  expect(call(MsbnbDecodeLayer4bit, args) != 0, "decode layer wrong arity rejected", 0);
+}
+
 }  // namespace
 
 int main() {
@@ -278,7 +336,8 @@ int main() {
     msbnb_set_isa(isa);
     for (int threads : {1, 2}) {
       msbnb_set_num_threads(threads);
-      const int64_t shapes[][3] = {{16, 128, 1}, {33, 70, 3}, {8, 256, 5}, {5, 129, 17}, {24, 64, 0}, {3, 33, 2}, {20, 128, 300}};
+      const int64_t shapes[][3] = {{16, 128, 1}, {33, 70, 3},  {8, 256, 5},   {5, 129, 17},
+                                   {24, 64, 0}, {3, 33, 2},   {20, 128, 300}, {20, 1088, 1}};
       for (auto &s : shapes)
         for (int64_t bs : {32, 64, 256})
           for (int v = 0; v < 4; ++v) test_4bit(s[0], s[1], s[2], bs, v & 1, v & 2);
@@ -287,6 +346,8 @@ int main() {
           test_8bit(s[0], s[1], s[2], false, thr);
           test_8bit(s[0], s[1], s[2], true, thr);
         }
+      test_decode_layer(1, 1, 4, 2, 16, 96, 8);   // a decode step
+      test_decode_layer(2, 3, 6, 3, 32, 128, 5);  // a prefill of 3 positions, batch 2
     }
     std::printf("%s: done\n", isa);
   }
