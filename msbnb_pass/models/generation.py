@@ -119,6 +119,17 @@ class CachedDecoder(nn.Cell):
         if quantized_head is not None:
             self.head_q = _int8_head(lm)
 
+    @property
+    def compile_phase(self):
+        return self._compile_phase
+
+    @compile_phase.setter
+    def compile_phase(self, value):
+        # MindSpore sets the compile phase on every sub-cell at every call of a compiled cell: the whole network
+        # (~600 cells for SmolLM2) walked through Cell.__setattr__, ~3 ms of a ~15 ms decode step. Only
+        # parallel strategies read a sub-cell's phase; the decoder keeps its own.
+        object.__setattr__(self, "_compile_phase", value)
+
     # ---- the lean step: one aot kernel per norm, RoPE, attention and SwiGLU, fused projections -----------------
     def _plan_lean(self, lm: nn.Cell) -> None:
         """Decide, for each group of projections that read the same input, how the lean step computes it:

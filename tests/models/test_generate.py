@@ -166,6 +166,8 @@ def test_one_launch_per_layer_gives_the_per_op_steps_bits(ms_cpu, graph_mode):
         pos1 = (positions[:, -1:] + step + 1).astype(np.int32)
         args = (ms.Tensor(nxt), ms.Tensor(pos1), ms.Tensor(mask1), ms.Tensor(_slots(2, fused.n_kv, slot, 1)))
     assert np.abs(fused.k_cache[0].asnumpy()[:, :, : p + 3]).min(axis=-1).max() > 0  # the writes landed
+    # a call does not walk the network's cells to set their compile phase (~3 ms per SmolLM2 step)
+    assert fused.compile_phase and net.model.layers[0].compile_phase is None
     int8 = mb.quantize(LlamaForCausalLM(LlamaConfig(**TINY)), mb.BitsAndBytesConfig(load_in_8bit=True)).net
     assert CachedDecoder(int8, 1, s, lean=True).fused is False
     assert CachedDecoder(LlamaForCausalLM(LlamaConfig(**TINY)), 1, s, lean=True).fused is False  # float32 Dense
