@@ -10,7 +10,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeUniform, Uniform, initializer
 
-from ..errors import CheckpointError, MsbnbError, QuantizationError
+from ..errors import CheckpointError, CheckpointKeyError, MsbnbError, QuantizationError
 from ..formats.quant_state import to_numpy
 
 FLOAT_INPUTS = (ms.float32, ms.float16)
@@ -80,7 +80,50 @@ def _checked_bias(key: str, value: Any, out_features: int) -> np.ndarray:
     return b.astype(np.float32)
 
 
-class QuantLinear(nn.Cell):
+def read_int8_rows(state_dict: dict, prefix: str, owner: str, layout: str) -> tuple[np.ndarray, np.ndarray]:
+    """``<prefix>weight`` (a 2-D int8 tensor laid out as ``layout``) and ``<prefix>SCB`` (one finite absmax >= 0
+    per row) from bitsandbytes' row-wise int8 keys, checked; ``owner`` names the cell in errors."""
+    for key in (f"{prefix}weight", f"{prefix}SCB"):
+        if key not in state_dict:
+            raise CheckpointKeyError(f"state dict lacks '{key}' needed by {owner}")
+    key = f"{prefix}weight"
+    cb = np.asarray(to_numpy(state_dict[key]))
+    if cb.dtype != np.int8 or cb.ndim != 2 or 0 in cb.shape:
+        raise CheckpointError(f"'{key}' must be a 2-D int8 tensor {layout}, got {cb.dtype} of shape {list(cb.shape)}")
+    key = f"{prefix}SCB"
+    scb = np.asarray(to_numpy(state_dict[key]))
+    if scb.dtype.kind != "f" or scb.ndim != 1 or scb.size != cb.shape[0]:
+        raise CheckpointError(
+            f"'{key}' must be a float tensor of shape [{cb.shape[0]}] (one absmax per row of the weight), got "
+            f"{scb.dtype} of shape {list(scb.shape)}"
+        )
+    bad = ~np.isfinite(scb) | (scb < 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise CheckpointError(
+            f"'{key}' holds an invalid row absmax at index {i}: {scb[i]!r}; it must be finite and >= 0"
+        )
+    return cb, scb
+
+
+class QuantParams:
+    """What every quantized cell (linear or embedding) does with its parameters: make them from arrays, name
+    them after a tree path, count their bytes. A mixin for ``nn.Cell`` subclasses."""
+
+    def _param(self, value: np.ndarray, attr: str, requires_grad: bool = False) -> Parameter:
+        return Parameter(Tensor(np.ascontiguousarray(value)), name=attr, requires_grad=requires_grad)
+
+    def name_parameters(self, prefix: str) -> None:
+        """Name every parameter ``<prefix><attribute>`` (e.g. ``"layers.0.fc1."``), as a tree would."""
+        for attr, param in self.parameters_and_names(expand=False):
+            param.name = f"{prefix}{attr}"
+
+    def parameter_nbytes(self) -> int:
+        """Bytes held by this cell's parameters (what quantization saves is measured on this)."""
+        return int(sum(p.size * p.itemsize for p in self.get_parameters()))
+
+
+class QuantLinear(QuantParams, nn.Cell):
     """Base of Linear8bit, Linear8bitLt and Linear4bit: a Linear layer [out, in] with quantized weights."""
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool, layer_name: str | None = None):
@@ -150,18 +193,6 @@ class QuantLinear(nn.Cell):
         if activation is not None:
             self.activation = activation
             self.activation_flag = True
-
-    def _param(self, value: np.ndarray, attr: str, requires_grad: bool = False) -> Parameter:
-        return Parameter(Tensor(np.ascontiguousarray(value)), name=attr, requires_grad=requires_grad)
-
-    def name_parameters(self, prefix: str) -> None:
-        """Name every parameter ``<prefix><attribute>`` (e.g. ``"layers.0.fc1."``), as a tree would."""
-        for attr, param in self.parameters_and_names(expand=False):
-            param.name = f"{prefix}{attr}"
-
-    def parameter_nbytes(self) -> int:
-        """Bytes held by this layer's parameters (what quantization saves is measured on this)."""
-        return int(sum(p.size * p.itemsize for p in self.get_parameters()))
 
     def weight_nbytes(self) -> int:
         """Bytes of the quantized weight and its statistics (the bias excluded)."""

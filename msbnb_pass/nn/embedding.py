@@ -18,13 +18,13 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from .. import formats
-from ..errors import CheckpointError, CheckpointKeyError, QuantizationError
+from ..errors import CheckpointError, QuantizationError
 from ..formats import _checks
 from ..formats.codebooks import QUANT_TYPES_4BIT
 from ..formats.int8 import _INV_127
 from ..formats.quant_state import QuantState, to_numpy
 from ..kernels import quantize as fast
-from ._base import _positive_int, check_finite_stats
+from ._base import QuantParams, _positive_int, check_finite_stats, read_int8_rows
 from ._packed4bit import Packed4bitWeight, read_packed_4bit
 
 ID_DTYPES = (ms.int32, ms.int64)
@@ -57,7 +57,7 @@ def embedding_parts(cell: nn.Cell) -> tuple[np.ndarray, str, str]:
     return table.astype(np.float32), attr, prefix
 
 
-class QuantEmbedding(nn.Cell):
+class QuantEmbedding(QuantParams, nn.Cell):
     """Base of Embedding4bit and Embedding8bit: ``construct(ids)`` -> float32 rows ``ids.shape + (dim,)``.
 
     ``ids`` are int32 or int64 of any shape; an id outside ``[0, num_embeddings)`` raises MindSpore's
@@ -89,17 +89,6 @@ class QuantEmbedding(nn.Cell):
         layer = cls.from_float(table, layer_name or prefix.rstrip(".") or None, **kwargs)
         layer.name_parameters(prefix)
         return layer
-
-    def _param(self, value: np.ndarray, attr: str, requires_grad: bool = False) -> ms.Parameter:
-        return ms.Parameter(Tensor(np.ascontiguousarray(value)), name=attr, requires_grad=requires_grad)
-
-    def name_parameters(self, prefix: str) -> None:
-        """Name every parameter ``<prefix><attribute>`` (e.g. ``"model.embed_tokens."``)."""
-        for attr, param in self.parameters_and_names(expand=False):
-            param.name = f"{prefix}{attr}"
-
-    def parameter_nbytes(self) -> int:
-        return int(sum(p.size * p.itemsize for p in self.get_parameters()))
 
     def weight_nbytes(self) -> int:
         return self.parameter_nbytes()
@@ -360,29 +349,7 @@ class Embedding8bit(QuantEmbedding):
     @classmethod
     def from_bnb_state_dict(cls, state_dict: dict, prefix: str = "", **kwargs: Any) -> Embedding8bit:
         """Build from ``<prefix>weight`` (int8 ``[num, dim]``) and ``<prefix>SCB`` (float ``[num]``)."""
-        for key in (f"{prefix}weight", f"{prefix}SCB"):
-            if key not in state_dict:
-                raise CheckpointKeyError(f"state dict lacks '{key}' needed by Embedding8bit")
-        key = f"{prefix}weight"
-        cb = np.asarray(to_numpy(state_dict[key]))
-        if cb.dtype != np.int8 or cb.ndim != 2 or 0 in cb.shape:
-            raise CheckpointError(
-                f"'{key}' must be a 2-D int8 tensor [num_embeddings, embedding_dim], got {cb.dtype} of shape "
-                f"{list(cb.shape)}"
-            )
-        key = f"{prefix}SCB"
-        scb = np.asarray(to_numpy(state_dict[key]))
-        if scb.dtype.kind != "f" or scb.ndim != 1 or scb.size != cb.shape[0]:
-            raise CheckpointError(
-                f"'{key}' must be a float tensor of shape [{cb.shape[0]}] (one absmax per row), got {scb.dtype} "
-                f"of shape {list(scb.shape)}"
-            )
-        bad = ~np.isfinite(scb) | (scb < 0)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise CheckpointError(
-                f"'{key}' holds an invalid row absmax at index {i}: {scb[i]!r}; it must be finite and >= 0"
-            )
+        cb, scb = read_int8_rows(state_dict, prefix, "Embedding8bit", "[num_embeddings, embedding_dim]")
         return cls(cb.shape[0], cb.shape[1], CB=cb, SCB=scb.astype(np.float32), **kwargs)
 
     def bnb_state_dict(self, prefix: str = "") -> dict[str, np.ndarray]:

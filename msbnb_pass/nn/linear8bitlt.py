@@ -9,12 +9,12 @@ import numpy as np
 from mindspore import nn, ops
 
 from .. import formats
-from ..errors import CheckpointError, CheckpointKeyError
+from ..errors import CheckpointError
 from ..formats import _checks
 from ..formats.quant_state import to_numpy
 from ..kernels import kernel_class
 from ..kernels import quantize as fast
-from ._base import QuantLinear, _checked_bias, check_finite_stats, default_init
+from ._base import QuantLinear, _checked_bias, check_finite_stats, default_init, read_int8_rows
 
 
 class _Int8FromFloatWeight(nn.Cell):
@@ -140,28 +140,7 @@ class Linear8bitLt(QuantLinear):
     @classmethod
     def from_bnb_state_dict(cls, state_dict: dict, prefix: str = "", **kwargs: Any) -> Linear8bitLt:
         """Build from bitsandbytes' keys: ``<prefix>weight`` (int8), ``<prefix>SCB`` and ``<prefix>bias``."""
-        for key in (f"{prefix}weight", f"{prefix}SCB"):
-            if key not in state_dict:
-                raise CheckpointKeyError(f"state dict lacks '{key}' needed by Linear8bitLt")
-        key = f"{prefix}weight"
-        cb = np.asarray(to_numpy(state_dict[key]))
-        if cb.dtype != np.int8 or cb.ndim != 2 or 0 in cb.shape:
-            raise CheckpointError(
-                f"'{key}' must be a 2-D int8 tensor [out, in] (LLM.int8() CB), got {cb.dtype} of shape {list(cb.shape)}"
-            )
-        key = f"{prefix}SCB"
-        scb = np.asarray(to_numpy(state_dict[key]))
-        if scb.dtype.kind != "f" or scb.size != cb.shape[0] or scb.ndim != 1:
-            raise CheckpointError(
-                f"'{key}' must be a float tensor of shape [{cb.shape[0]}] (one absmax per row of the weight), got "
-                f"{scb.dtype} of shape {list(scb.shape)}"
-            )
-        bad = ~np.isfinite(scb) | (scb < 0)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise CheckpointError(
-                f"'{key}' holds an invalid row absmax at index {i}: {scb[i]!r}; it must be finite and >= 0"
-            )
+        cb, scb = read_int8_rows(state_dict, prefix, "Linear8bitLt", "[out, in] (LLM.int8() CB)")
         key = f"{prefix}weight_format"
         if key in state_dict:
             fmt = np.asarray(to_numpy(state_dict[key]))

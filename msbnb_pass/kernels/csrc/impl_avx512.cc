@@ -530,6 +530,21 @@ inline __m512i hsum16(const __m512i *v) {
   return _mm512_add_epi32(_mm512_shuffle_i32x4(w0, w1, 0x88), _mm512_shuffle_i32x4(w0, w1, 0xDD));
 }
 
+// One block of 16 weight rows: their integer dot products (v, one vector of lanes per row, with the +128 offset
+// of the unsigned levels) into the float accumulators, in i8_gemm_generic's order of float steps.
+inline __m512 i8_block_sums(const __m512i *v, int32_t qsum, float sx, const float *ws16, __m512 facc) {
+  const __m512i dot = _mm512_add_epi32(hsum16(v), _mm512_set1_epi32(-128 * qsum));
+  const __m512 s = _mm512_mul_ps(_mm512_set1_ps(sx), _mm512_loadu_ps(ws16));
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, facc);
+}
+
+// The first rc lanes of acc to y[0..rc).
+inline void store_rows(__m512 acc, int rc, float *y) {
+  alignas(64) float out[16];
+  _mm512_store_ps(out, acc);
+  for (int r = 0; r < rc; ++r) y[r] = out[r];
+}
+
 // Small M (1 to 4 rows of x): 16 weight rows in the lanes of the float accumulator. Per block, one vpdpbusd per
 // weight row and 64 codes (k in the lanes), the 16 rows' sums gathered by hsum16, then the same per-block float
 // steps as i8_gemm_generic, lane by lane (so the results are the same bits). Needs blocks of 64k elements.
@@ -567,13 +582,9 @@ void i8_small(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, cons
             const __m512i xv = _mm512_loadu_si512(xq + k);
             for (int r = 0; r < 16; ++r) v[r] = dpbusd_inplace(v[r], _mm512_loadu_si512(wu8 + r * ldw + k), xv);
           }
-          const __m512i dot = _mm512_add_epi32(hsum16(v), _mm512_set1_epi32(-128 * a.qsum[m * nb + b]));
-          const __m512 s = _mm512_mul_ps(_mm512_set1_ps(a.s[m * nb + b]), _mm512_loadu_ps(wsT + b * 16));
-          facc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, facc);
+          facc = i8_block_sums(v, a.qsum[m * nb + b], a.s[m * nb + b], wsT + b * 16, facc);
         }
-        alignas(64) float out[16];
-        _mm512_store_ps(out, facc);
-        for (int r = 0; r < rc; ++r) y[m * N + n0 + r] = out[r];
+        store_rows(facc, rc, y + m * N + n0);
       }
     }
   });
@@ -647,13 +658,9 @@ void i8_gemv4(const ActQ &a, int64_t K, int64_t N, const W4 &w, float *y) {
             v[r] = dpbusd_inplace(v[r], _mm512_shuffle_epi8(lut512, codes), xv);
           }
         }
-        const __m512i dot = _mm512_add_epi32(hsum16(v), _mm512_set1_epi32(-128 * a.qsum[b]));
-        const __m512 s = _mm512_mul_ps(_mm512_set1_ps(a.s[b]), _mm512_loadu_ps(wsT + b * 16));
-        facc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, facc);
+        facc = i8_block_sums(v, a.qsum[b], a.s[b], wsT + b * 16, facc);
       }
-      alignas(64) float out[16];
-      _mm512_store_ps(out, facc);
-      for (int r = 0; r < rc; ++r) y[n0 + r] = out[r];
+      store_rows(facc, rc, y + n0);
     }
   });
 }
