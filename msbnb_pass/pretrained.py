@@ -25,7 +25,9 @@ from .io import CheckpointError, TensorStore, open_safetensors, read_config, wri
 from .io.gguf_io import open_gguf, tokenizer_from_gguf
 from .io.safetensors_io import FLOAT_DTYPES
 from .models import BERT_BUFFERS, WeightSource, build_model, config_from_dict, name_parameters
-from .nn import Linear4bit, Linear8bit, Linear8bitLt
+from .models._layers import Embedding
+from .nn import Embedding4bit, Embedding8bit, Linear4bit, Linear8bit, Linear8bitLt
+from .nn.embedding import QuantEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +115,33 @@ class _StoreSource(WeightSource):
         if self.store.dtype(name) == "F16":
             return value.astype(np.float16)  # exact: the stored values are float16
         return value
+
+    def embedding(self, name: str, num: int, dim: int, half_ok: bool = True) -> nn.Cell:
+        """A table stored quantized (bitsandbytes' Embedding4bit keys, or int8 rows with ``SCB``) becomes an
+        ``Embedding4bit`` / ``Embedding8bit`` from the stored bytes; a float table stays float."""
+        st = self.store
+        prefix = f"{name}."
+        four = bool(st.with_prefix(f"{prefix}weight.quant_state."))
+        eight = f"{prefix}SCB" in st
+        if not (four or eight):
+            return super().embedding(name, num, dim, half_ok)
+        if not half_ok:  # the table is also the tied head's matmul operand
+            raise CheckpointError(
+                f"{st.source}: the tied embedding '{name}' is stored quantized; a tied head needs a float table"
+            )
+        keys = st.with_prefix(prefix)
+        sub = {k[len(prefix) :]: st[k] for k in keys}
+        try:
+            table = (Embedding4bit if four else Embedding8bit).from_bnb_state_dict(sub, "", layer_name=name)
+        except (ValueError, KeyError, TypeError) as exc:  # CheckpointError included: name the file and table
+            raise CheckpointError(f"{st.source}: table '{name}': {exc}") from exc
+        if (table.num_embeddings, table.embedding_dim) != (num, dim):
+            raise CheckpointError(
+                f"{st.source}: '{prefix}weight' holds a [{table.num_embeddings}, {table.embedding_dim}] table, the "
+                f"config needs [{num}, {dim}]"
+            )
+        self._mark(keys)
+        return table
 
     def dense(self, name: str, in_features: int, out_features: int, has_bias: bool) -> nn.Cell:
         st = self.store
@@ -314,7 +343,8 @@ def _state_dict(net: nn.Cell) -> tuple[dict[str, np.ndarray], set[str]]:
     tensors: dict[str, np.ndarray] = {}
     covered: set[str] = set()
     quant_keys: set[str] = set()
-    for path, cell in _quantized_cells(net).items():
+    tables = {path: cell for path, cell in net.cells_and_names() if isinstance(cell, QuantEmbedding)}
+    for path, cell in {**_quantized_cells(net), **tables}.items():
         sd = cell.bnb_state_dict(f"{path}.")
         tensors.update(sd)
         quant_keys.update(k for k in sd if not k.endswith(".bias"))
@@ -425,19 +455,33 @@ class DequantizeReport:
     added_error: float = 0.0
 
 
+class _Table(WeightSource):
+    """The one float table a dequantized embedding is built from."""
+
+    def __init__(self, value: np.ndarray):
+        super().__init__()
+        self.value = value
+
+    def array(self, name: str, shape: tuple[int, ...], init: str) -> np.ndarray:
+        return self.value
+
+
 def dequantize_model(net: nn.Cell) -> nn.Cell:
     """transformers' ``dequantize()``: replace every quantized cell of ``net`` in place by a float
-    ``nn.Dense`` holding its decoded weight, and return ``net``. What was replaced, and the error this added
+    ``nn.Dense`` holding its decoded weight (a quantized embedding by a float table), and return ``net``. What was replaced, and the error this added
     (none: see :class:`DequantizeReport`), is in ``net.dequantize_report``."""
     report = DequantizeReport()
-    cells = _quantized_cells(net)
     by_path = dict(net.cells_and_names())
-    for path, cell in cells.items():
+    tables = {path: cell for path, cell in by_path.items() if isinstance(cell, QuantEmbedding)}
+    for path, cell in {**_quantized_cells(net), **tables}.items():
         parent_path, _, attr = path.rpartition(".")
         parent = by_path[parent_path] if parent_path else net
         desc = getattr(cell, "quant_type", None) or type(cell).__name__
         report.layers.append((path, str(desc), float(cell.bits_per_weight())))
-        dense = cell.dequantize()
+        if isinstance(cell, QuantEmbedding):  # back to a float table holding the decoded rows
+            dense = Embedding(_Table(cell.dequantized_weight()), path, cell.num_embeddings, cell.embedding_dim)
+        else:
+            dense = cell.dequantize()
         if isinstance(parent, (nn.CellList, nn.SequentialCell)):
             parent[int(attr)] = dense
         else:

@@ -43,6 +43,10 @@ class WeightSource:
             adopt(dense.bias, self.array(f"{name}.bias", (out_features,), "zeros"))
         return dense
 
+    def embedding(self, name: str, num: int, dim: int, half_ok: bool = True) -> nn.Cell:
+        """The lookup table ``name`` (``[num, dim]``): an :class:`Embedding` by default."""
+        return Embedding(self, name, num, dim, half_ok)
+
     def parameter(self, name: str, shape: tuple[int, ...], init: str, table: bool = False) -> Parameter:
         value = self.table(name, shape) if table else self.array(name, shape, init)
         param = Parameter(initializer("zeros", value.shape, ms.float16 if value.dtype == np.float16 else ms.float32))

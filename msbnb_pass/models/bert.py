@@ -9,7 +9,7 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import nn, ops
 
-from ._layers import Embedding, LayerNorm, WeightSource, name_parameters
+from ._layers import LayerNorm, WeightSource, name_parameters
 from .configs import BertConfig
 
 _MASKED = -1e30
@@ -28,9 +28,9 @@ class BertEmbeddings(nn.Cell):
     def __init__(self, config: BertConfig, source: WeightSource, name: str):
         super().__init__()
         h = config.hidden_size
-        self.word_embeddings = Embedding(source, f"{name}.word_embeddings", config.vocab_size, h)
-        self.position_embeddings = Embedding(source, f"{name}.position_embeddings", config.max_position_embeddings, h)
-        self.token_type_embeddings = Embedding(source, f"{name}.token_type_embeddings", config.type_vocab_size, h)
+        self.word_embeddings = source.embedding(f"{name}.word_embeddings", config.vocab_size, h)
+        self.position_embeddings = source.embedding(f"{name}.position_embeddings", config.max_position_embeddings, h)
+        self.token_type_embeddings = source.embedding(f"{name}.token_type_embeddings", config.type_vocab_size, h)
         self.LayerNorm = LayerNorm(source, f"{name}.LayerNorm", h, config.layer_norm_eps)
 
     def construct(self, input_ids, token_type_ids):

@@ -18,7 +18,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from ._layers import Embedding, RMSNorm, Softmax, WeightSource, name_parameters
+from ._layers import RMSNorm, Softmax, WeightSource, name_parameters
 from .configs import LlamaConfig
 
 _MASKED = -1e30  # added to masked attention scores: exp() underflows to exactly 0
@@ -119,8 +119,8 @@ class LlamaModel(nn.Cell):
 
     def __init__(self, config: LlamaConfig, source: WeightSource, name: str = "model", max_seq_len: int = 8192):
         super().__init__()
-        self.embed_tokens = Embedding(
-            source, f"{name}.embed_tokens", config.vocab_size, config.hidden_size, not config.tie_word_embeddings
+        self.embed_tokens = source.embedding(
+            f"{name}.embed_tokens", config.vocab_size, config.hidden_size, not config.tie_word_embeddings
         )
         self.layers = nn.CellList(
             [LlamaDecoderLayer(config, source, f"{name}.layers.{i}") for i in range(config.num_hidden_layers)]

@@ -354,3 +354,44 @@ def test_sharded_save_and_switching_layouts(tmp_path):
     mb.save_pretrained(net, tmp_path / "out")  # back to one file: the old index and shards must not linger
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
     assert np.array_equal(_logits(mb.from_pretrained(tmp_path / "out")), _logits(net))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_embedding_and_head_round_trip(tmp_path, bits):
+    """A model whose token embedding and head were quantized (the opt-ins) saves its tables in bitsandbytes'
+    layout (Embedding4bit's keys, or int8 rows + SCB) and loads them back as quantized tables: the same
+    logits bit for bit, the same bytes when saved again; dequantize_model turns the table back into floats
+    (the same logits: the rows are the decoded ones); a tied table stored quantized is refused."""
+    from msbnb_pass import QuantConfig
+    from msbnb_pass.models import LlamaForCausalLM, config_from_dict
+
+    net = LlamaForCausalLM(config_from_dict(LLAMA))  # untied head
+    qc = QuantConfig(bits=bits, quantize_embeddings=True, quantize_lm_head=True)
+    if bits == 4:
+        qc = QuantConfig(bits=4, quant_type="nf4", group_size=64, quantize_embeddings=True, quantize_lm_head=True)
+    net = mb.quantize(net, qc).net
+    table = mb.Embedding4bit if bits == 4 else mb.Embedding8bit
+    assert isinstance(net.model.embed_tokens, table)
+    mb.save_pretrained(net, tmp_path / "q")
+    back = mb.from_pretrained(tmp_path / "q")
+    assert isinstance(back.model.embed_tokens, table)
+    ids = ms.Tensor(IDS)
+    rows = back.model.embed_tokens(ids).asnumpy()
+    assert np.array_equal(rows, net.model.embed_tokens(ids).asnumpy())
+    if bits == 4:  # (weight-only int8 linears load back as LLM.int8 layers: bitsandbytes has no other int8)
+        assert np.array_equal(_logits(back), _logits(net))
+    mb.save_pretrained(back, tmp_path / "again")
+    saved, again = (tmp_path / d / "model.safetensors" for d in ("q", "again"))
+    assert saved.read_bytes() == again.read_bytes()
+    ref = _logits(back)
+    mb.dequantize_model(back)
+    assert type(back.model.embed_tokens).__name__ == "Embedding"
+    assert np.array_equal(back.model.embed_tokens(ids).asnumpy(), rows)
+    if bits == 4:  # (LLM.int8 layers compute with int8 activations, their dequantized twins do not)
+        assert np.array_equal(_logits(back), ref)
+    assert any(path == "model.embed_tokens" for path, _, _ in back.dequantize_report.layers)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"the tied embedding 'model.embed_tokens' is stored quantized"):
+        mb.from_pretrained(tmp_path / "q", strict=False)
