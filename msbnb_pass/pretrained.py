@@ -93,6 +93,18 @@ class _StoreSource(WeightSource):
         if self.progress is not None:
             self.progress.update(len(keys))
 
+    def _tensors_under(self, prefix: str) -> tuple[list[str], dict[str, Any]]:
+        """The stored keys under ``prefix`` and their tensors keyed relative to it (a cell's state dict)."""
+        keys = self.store.with_prefix(prefix)
+        return keys, {k[len(prefix) :]: self.store[k] for k in keys}
+
+    def _build(self, kind: str, name: str, build):
+        """``build()`` a quantized cell from stored tensors; any failure names the file and the layer/table."""
+        try:
+            return build()
+        except (ValueError, KeyError, TypeError) as exc:  # CheckpointError included
+            raise CheckpointError(f"{self.store.source}: {kind} '{name}': {exc}") from exc
+
     def array(self, name: str, shape: tuple[int, ...], init: str) -> np.ndarray:
         st = self.store
         if name not in st:
@@ -129,12 +141,12 @@ class _StoreSource(WeightSource):
             raise CheckpointError(
                 f"{st.source}: the tied embedding '{name}' is stored quantized; a tied head needs a float table"
             )
-        keys = st.with_prefix(prefix)
-        sub = {k[len(prefix) :]: st[k] for k in keys}
-        try:
-            table = (Embedding4bit if four else Embedding8bit).from_bnb_state_dict(sub, "", layer_name=name)
-        except (ValueError, KeyError, TypeError) as exc:  # CheckpointError included: name the file and table
-            raise CheckpointError(f"{st.source}: table '{name}': {exc}") from exc
+        keys, sub = self._tensors_under(prefix)
+        table = self._build(
+            "table",
+            name,
+            lambda: (Embedding4bit if four else Embedding8bit).from_bnb_state_dict(sub, "", layer_name=name),
+        )
         if (table.num_embeddings, table.embedding_dim) != (num, dim):
             raise CheckpointError(
                 f"{st.source}: '{prefix}weight' holds a [{table.num_embeddings}, {table.embedding_dim}] table, the "
@@ -150,8 +162,7 @@ class _StoreSource(WeightSource):
         int8 = f"{prefix}SCB" in st
         if not quant_keys and not int8:
             return super().dense(name, in_features, out_features, has_bias)
-        keys = st.with_prefix(prefix)
-        sub = {k[len(prefix) :]: st[k] for k in keys}
+        keys, sub = self._tensors_under(prefix)
         if has_bias and "bias" not in sub:
             raise CheckpointError(f"{st.source}: tensor '{prefix}bias' is missing (the config gives this layer a bias)")
         if not has_bias and "bias" in sub:
@@ -167,17 +178,22 @@ class _StoreSource(WeightSource):
                 raise CheckpointError(
                     f"{st.source}: tensor '{prefix}weight' is {st.dtype(prefix + 'weight')}; an LLM.int8 weight is I8"
                 )
-        try:
-            if quant_keys:
-                layer = Linear4bit.from_bnb_state_dict(
+        if quant_keys:
+            layer = self._build(
+                "layer",
+                name,
+                lambda: Linear4bit.from_bnb_state_dict(
                     sub, "", compute_dtype=self.compute_dtype, backend=self.backend, layer_name=name
-                )
-            else:
-                layer = Linear8bitLt.from_bnb_state_dict(
+                ),
+            )
+        else:
+            layer = self._build(
+                "layer",
+                name,
+                lambda: Linear8bitLt.from_bnb_state_dict(
                     sub, "", threshold=self.threshold, backend=self.backend, layer_name=name
-                )
-        except (ValueError, KeyError, TypeError) as exc:  # CheckpointError included: name the file and layer
-            raise CheckpointError(f"{st.source}: layer '{name}': {exc}") from exc
+                ),
+            )
         if (layer.out_features, layer.in_features) != (out_features, in_features):
             raise CheckpointError(
                 f"{st.source}: tensor '{prefix}weight' holds a [{layer.out_features}, {layer.in_features}] weight, "
