@@ -98,8 +98,9 @@ def check_against_kernel_reference(layer, x: np.ndarray) -> np.ndarray:
 
 # ---- bfloat16 -----------------------------------------------------------------------------------------------------
 BF16_KINDS = ["nf4-dq-64", "fp4-128", "int4-asym-32", "int8", "int8-asym-tensor"]
-# (N, K, M): fused-size and panel-size M, unaligned K (blocks straddling rows, K not a multiple of 32)
-BF16_SHAPES = [(40, 256, 1), (36, 512, 7), (20, 70, 5), (24, 1536, 3)]
+# (N, K, M): fused-size and panel-size M, unaligned K (blocks straddling rows, K not a multiple of 32); M = 1 is
+# the decode GEMV on AVX-512, with K % 128 == 64 (a last half chunk: 576, 1088) and 17 blocks per row
+BF16_SHAPES = [(40, 256, 1), (36, 512, 7), (20, 70, 5), (24, 1536, 3), (23, 576, 1), (37, 1088, 1)]
 
 
 def bf16_bound_vs_exact(x: np.ndarray, W: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -112,11 +112,18 @@ inline void index_pack(const float *p, int64_t n, bool divide, float factor, flo
 #include "impl_common.inc"
 
 namespace {
+// Each pair of bf16 values read as one 32-bit word (x86-64 is little-endian: element 2i in the low half), as
+// the AVX2 version does. The obvious per-element form (p[2i + 1] and p[2i] through bf16_to_float) is
+// miscompiled by GCC 12's loop vectorizer at -O3: some even elements were counted twice (the bf16 test at
+// K = 1088 caught it).
 BV bload(const uint16_t *p) {
   BV r;
   for (int i = 0; i < VW; ++i) {
-    r.o.v[i] = bf16_to_float(p[2 * i + 1]);
-    r.e.v[i] = bf16_to_float(p[2 * i]);
+    uint32_t pair;
+    __builtin_memcpy(&pair, p + 2 * i, 4);
+    const uint32_t o = pair & 0xFFFF0000u, e = pair << 16;
+    __builtin_memcpy(&r.o.v[i], &o, 4);
+    __builtin_memcpy(&r.e.v[i], &e, 4);
   }
   return r;
 }
@@ -125,6 +132,7 @@ void i8_gemm(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const
   i8_gemm_generic(a, M, K, N, w4, w8, y);
 }
 bool fast_linear4bit(const float *, int64_t, const W4 &, const float *, float *) { return false; }
+bool fast_linear4bit_bf16(const float *, int64_t, const W4 &, const float *, float *) { return false; }
 float quantize_row_fast(const float *x, int64_t K, const uint8_t *outlier, float threshold, int8_t *q,
                         int32_t *qsum) {
   return quantize_row(x, K, outlier, threshold, q, qsum);
