@@ -756,6 +756,120 @@ bool fast_linear4bit(const float *x, int64_t M, const W4 &w, const float *bias, 
   return true;
 }
 
+
+// ---- bf16 compute, one row of x (the decode GEMV) ----------------------------------------------------------------
+// The operands of linear4bit_bf16 (x and fl(code * scale) rounded to bf16), summed in the nibble-plane order of
+// `planes`: 64 packed bytes viewed as 32 words hold 4 codes each; shifting every word right by 4*s (s = 0..3)
+// puts one code in its low 4 bits (word j of plane s is weight 4j + kBf16PlanePos[s] of the 128-weight chunk),
+// one ternary-logic op keeps those bits and sets bit 4 for the chunk's second 64 weights, and vpermw picks the
+// weight from a 32-word table: the 16 code values times the scale of the chunk's first 64 weights, then of its
+// last 64, rounded to bf16 (vcvtne2ps2bf16). vdpbf16ps lane i then takes weights 8i + pos (odd word) and
+// 8i + 4 + pos (even word), so x is rounded and permuted once per call to match. Per 128 weights: one load,
+// 3 shifts, 4 selects, 4 permutes and 4 dot products, against 23 float32 operations in `planes`: about 1.6x
+// the weights per second. Without AVX512-BF16 the same steps are emulated (the table rounded as bf16_round
+// does, each dot product as two FMAs in vdpbf16ps' order), so both give the same bits.
+const int kBf16PlanePos[4] = {1, 0, 3, 2};
+
+struct Bf16Native {
+  static MSBNB_BF16_TARGET inline __m512i table(__m512 first, __m512 second) {
+    return (__m512i)_mm512_cvtne2ps_pbh(second, first);
+  }
+  static MSBNB_BF16_TARGET inline __m512 dot(__m512 acc, __m512i w, __m512i x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
+  }
+};
+
+struct Bf16Emulated {
+  static inline __m256i round16(__m512 f) {  // bf16_round, 16 lanes
+    const __m512i u = _mm512_castps_si512(f), top = _mm512_srli_epi32(u, 16);
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), _mm512_and_si512(top, _mm512_set1_epi32(1))),
+        16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                  _mm512_set1_epi32(0x7F800000));
+    const __mmask16 tiny = _mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7F800000));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(top, _mm512_set1_epi32(0x40)));
+    r = _mm512_mask_mov_epi32(r, tiny, _mm512_and_si512(top, _mm512_set1_epi32(0x8000)));
+    return _mm512_cvtepi32_epi16(r);
+  }
+  static inline __m512i table(__m512 first, __m512 second) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(round16(first)), round16(second), 1);
+  }
+  static inline __m512 dot(__m512 acc, __m512i w, __m512i x) {
+    const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
+    const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(w, hi)), xo = _mm512_castsi512_ps(_mm512_and_si512(x, hi));
+    const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), xe = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    return _mm512_fmadd_ps(we, xe, _mm512_fmadd_ps(wo, xo, acc));
+  }
+};
+
+// Rows [n0, n1) of y = x @ W^T + bias for one row x, its bf16 values permuted into xq (see above). Symmetric
+// codes, power-of-two blocks of 64 or more, K a multiple of 64 (a last half chunk when K % 128 == 64).
+template <class P, int R>
+MSBNB_BF16_TARGET void bf16_planes_rows(const uint16_t *xq, const W4 &w, int64_t n0, int64_t n1, const float *bias,
+                                        float *y) {
+  const int64_t K = w.K, bs = w.bs, bpr = K / bs, nchunks = ceil_div(K, 128);
+  const __m512 code = _mm512_loadu_ps(w.code);
+  const __m512i nibble = _mm512_set1_epi16(0xF);
+  const __m512i second = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1);
+  float *scales = static_cast<float *>(scratch(0, sizeof(float) * (size_t)(R * bpr + 16)));
+  for (int64_t n = n0; n < n1; n += R) {
+    const int rc = (int)imin(R, n1 - n);
+    const uint8_t *rows[R];
+    int64_t first_block[R];
+    for (int r = 0; r < R; ++r) {
+      const int64_t nn = n + (r < rc ? r : 0);
+      rows[r] = w.packed + nn * (K / 2);
+      first_block[r] = nn * bpr;
+    }
+    row_scales<R>(w, first_block, bpr, scales);
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const bool half = c * 128 + 128 > K;  // its last 64 weights do not exist: no bytes, x and scale zero
+      __m512i v[R], t[R];
+      for (int r = 0; r < R; ++r) {
+        v[r] = half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, rows[r] + c * 64) : _mm512_loadu_si512(rows[r] + c * 64);
+        const float s0 = scales[r * bpr + c * 128 / bs], s1 = half ? 0.f : scales[r * bpr + (c * 128 + 64) / bs];
+        t[r] = P::table(_mm512_mul_ps(code, _mm512_set1_ps(s0)), _mm512_mul_ps(code, _mm512_set1_ps(s1)));
+      }
+      for (int s = 0; s < 4; ++s) {
+        const __m512i xv = _mm512_loadu_si512(xq + c * 128 + s * 32);
+        for (int r = 0; r < R; ++r) {
+          const __m512i shifted = s ? _mm512_srli_epi16(v[r], 4 * s) : v[r];
+          const __m512i idx = _mm512_ternarylogic_epi32(shifted, nibble, second, 0xEA);  // (a & b) | c
+          acc[r] = P::dot(acc[r], _mm512_permutexvar_epi16(idx, t[r]), xv);
+        }
+      }
+    }
+    for (int r = 0; r < rc; ++r) y[n + r] = _mm512_reduce_add_ps(acc[r]) + (bias ? bias[n + r] : 0.f);
+  }
+}
+
+bool fast_linear4bit_bf16(const float *x, int64_t M, const W4 &w, const float *bias, float *y) {
+  const bool pow2 = (w.bs & (w.bs - 1)) == 0;
+  if (M != 1 || w.N < 1 || w.K < 1 || w.block_offset || !pow2 || w.bs < 64 || w.K % w.bs || w.K % 64) return false;
+  const int64_t K = w.K, Kp = round_up(K, 128);
+  uint16_t *xq = static_cast<uint16_t *>(scratch(2, sizeof(uint16_t) * (size_t)Kp));
+  for (int64_t c = 0; c < Kp; c += 128)
+    for (int s = 0; s < 4; ++s)
+      for (int j = 0; j < 32; ++j) {
+        const int64_t k = c + 4 * j + kBf16PlanePos[s];
+        xq[c + s * 32 + j] = k < K ? bf16_round(x[k]) : 0;
+      }
+  constexpr int R = 4;
+  const bool native = bf16_native_enabled();
+  const int64_t per_task = gemv_rows_per_task(w.N, K, R, 16);
+  parallel_tasks(ceil_div(w.N, per_task), [&](int64_t t) {
+    const int64_t n0 = t * per_task, n1 = imin(w.N, n0 + per_task);
+    if (native)
+      bf16_planes_rows<Bf16Native, R>(xq, w, n0, n1, bias, y);
+    else
+      bf16_planes_rows<Bf16Emulated, R>(xq, w, n0, n1, bias, y);
+  });
+  return true;
+}
+
 }  // namespace
 
 }  // namespace isa_avx512
