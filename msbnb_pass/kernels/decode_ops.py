@@ -16,7 +16,7 @@ library is available; ``available()`` says whether it is.
   as int8 codes and one scale per 32 weights, decoded exactly; float32 products and sums)
 * ``decode_layer_4bit(x, a, cos, sin, meta, k_cache, v_cache, slots, mask, scale, post_norm, next_norm, eps,
   9 tensors for each of q, k, v, o, gate, up, down) -> (x', a')``: a whole decoder layer whose projections
-  are 4-bit (float32 compute) in one launch: the kernels above in the per-op step's order (same bits),
+  are 4-bit (any compute mode) in one launch: the kernels above in the per-op step's order (same bits),
   the caches written in place
 """
 
@@ -121,7 +121,8 @@ def _linear4bit_multi_shape(x, *rest):
 
 @cache
 def linear4bit_multi(n_projections: int):
-    """Projections of one input by ``n_projections`` 4-bit weights (float32 compute), outputs concatenated.
+    """Projections of one input by ``n_projections`` 4-bit weights (each in its own compute mode: float32, bfloat16 or int8),
+    outputs concatenated.
     Per projection: packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, block_offset,
     bias [N_i] and meta, as ``MsbnbLinear4bit`` takes them."""
     if not 1 <= n_projections <= 8:

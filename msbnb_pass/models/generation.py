@@ -165,7 +165,7 @@ class CachedDecoder(nn.Cell):
         self.eps_t = Tensor(np.array([float(lm.config.rms_norm_eps)], np.float32))
         self.f32_1, self.f32_2, self.f32_3 = (decode_ops.linear_f32(n) for n in (1, 2, 3))
         self.w4_1, self.w4_2, self.w4_3 = (decode_ops.linear4bit_multi(n) for n in (1, 2, 3))
-        # every projection 4-bit with float32 compute: the whole layer is one kernel (same kernels, same order)
+        # every projection 4-bit (any compute mode): the whole layer is one kernel (same kernels, same order)
         self.fused = self.fuse_layers and all(k == "w4" for k in kinds.values())
         if self.fused:
             self.layer_op = decode_ops.decode_layer_4bit()
@@ -395,11 +395,11 @@ def _w4_args(cell):
 
 def _is_w4(cell: nn.Cell) -> bool:
     """A Linear4bit the fused multi-projection kernel computes exactly as the layer itself does: the C++
-    backend, float32 compute and input, no activation."""
+    backend, a compute mode that takes float32 input unchanged (float32, bfloat16, int8), no activation."""
     return (
         type(cell) is Linear4bit  # not a subclass, which may compute more (adapters) in its construct
         and type(cell.kernel).__name__ == "FusedLinear4bit"
-        and cell.compute_dtype_name == "float32"  # (a float32 input is passed through unchanged)
+        and cell.compute_dtype_name in ("float32", "bfloat16", "int8")  # (a float32 input is passed unchanged)
         and not cell.activation_flag
     )
 
@@ -582,7 +582,7 @@ def generate(
             generation there (the tokens so far are returned).
         decode_kernels: compute each step with the library's decode kernels (one aot kernel per RMSNorm,
             RoPE, attention and SwiGLU; q/k/v and gate/up projections fused into one kernel call each; see
-            :class:`CachedDecoder`); where every projection of the decoder is 4-bit with float32 compute,
+            :class:`CachedDecoder`); where every projection of the decoder is 4-bit (float32, bfloat16 or int8 compute),
             each whole layer is one kernel launch (the same kernels in the same order: the same bits).
             Default: when the C++ kernel backend is in use. False: plain MindSpore ops (the reference the
             lean step is tested against). "ops": the decode kernels, one launch per op (for comparison).

@@ -208,6 +208,32 @@ def test_fused_4bit_projections_equal_the_separate_layers_bit_for_bit(d, isa, ki
     assert np.array_equal(fused, separate)
 
 
+@pytest.mark.parametrize("isa", ALL_ISAS, indirect=True)
+@pytest.mark.parametrize("m", [1, 3])
+def test_fused_4bit_projections_keep_each_layers_compute_mode(d, isa, m):
+    """One projection per compute mode (float32, bfloat16, int8) in one call: each slice equals its layer."""
+    from msbnb_pass.models.generation import _w4_args
+
+    rng = np.random.default_rng(10 + m)
+    k = 576
+    layers = [
+        Linear4bit(
+            k,
+            n,
+            bias=False,
+            weight=(rng.standard_normal((n, k)) * 0.05).astype(np.float32),
+            compute_dtype=cd,
+            **W4_KINDS["nf4-dq"],
+        )
+        for n, cd in ((192, "float32"), (200, "bfloat16"), (64, "int8"))
+    ]
+    x = Tensor(rng.standard_normal((m, 1, k)).astype(np.float32))
+    args = [a for layer in layers for a in _w4_args(layer)]
+    fused = d.linear4bit_multi(3)(x, *args).asnumpy()
+    separate = [layer(x).asnumpy() for layer in layers]
+    assert np.array_equal(fused, np.concatenate(separate, -1))
+
+
 def test_bad_calls_fail_with_the_kernels_message(d):
     with pytest.raises(ValueError, match="linear_f32 takes 1 to 8 weights, got 9"):
         d.linear_f32(9)

@@ -128,10 +128,12 @@ def test_lean_step_fuses_the_projections_and_gives_the_plain_steps_tokens(ms_cpu
         assert f"model.layers.1.{path}.weight" in store  # one tensor per projection, as loaded
 
 
-def test_one_launch_per_layer_gives_the_per_op_steps_bits(ms_cpu, graph_mode):
-    """All-4-bit decoders run each layer as one kernel (MsbnbDecodeLayer4bit): its logits and the caches it
-    writes in place equal the per-op lean step's bit for bit, over a prefill and several decode steps of a
-    left-padded batch; a decoder with a layer it cannot take (int8) keeps one launch per op."""
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_one_launch_per_layer_gives_the_per_op_steps_bits(ms_cpu, graph_mode, compute):
+    """All-4-bit decoders (float32 or bfloat16 compute) run each layer as one kernel (MsbnbDecodeLayer4bit): its
+    logits and the caches it writes in place equal the per-op lean step's bit for bit, over a prefill and
+    several decode steps of a left-padded batch; a decoder with a layer it cannot take (int8) keeps one launch
+    per op."""
     import msbnb_pass as mb
     from msbnb_pass.models.generation import CachedDecoder, _slots
 
@@ -139,8 +141,11 @@ def test_one_launch_per_layer_gives_the_per_op_steps_bits(ms_cpu, graph_mode):
         pytest.skip("kernel library not built")
     net = mb.quantize(
         LlamaForCausalLM(LlamaConfig(**TINY)),
-        mb.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+        mb.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+        ),
     ).net
+    assert net.model.layers[0].mlp.down_proj.compute_dtype_name == compute
     s, p = 64, 5
     fused = CachedDecoder(net, 2, s, lean=True)
     per_op = CachedDecoder(net, 2, s, lean=True, fuse_layers=False)

@@ -257,7 +257,8 @@ MSBNB_EXPORT std::vector<int64_t> MsbnbLinear4bitInferShape(int *ndims, int64_t 
 }
 
 // Several 4-bit projections of the same input in one call (fused q/k/v, gate/up): y[..., sum N_i] is the
-// concatenation of each projection's output, every one computed exactly as MsbnbLinear4bit computes it.
+// concatenation of each projection's output, every one computed exactly as MsbnbLinear4bit computes it (its
+// compute mode, float32, bfloat16 or int8, included).
 // inputs: x, then per projection: packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset,
 // block_offset, bias [N_i], meta (1 + 9 g inputs), output y
 MSBNB_EXPORT int MsbnbLinear4bitMulti(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
@@ -273,7 +274,9 @@ MSBNB_EXPORT int MsbnbLinear4bitMulti(int nparam, void **params, int *ndims, int
     const int first = 1 + 9 * i, BIAS = first + 7, META = first + 8;
     if (!is(dtypes[BIAS], "float32") || ndims[BIAS] != 1) return fail(2, "bias %d must be float32 [N]", i);
     if (int rc = parse_w4(params, ndims, shapes, dtypes, first, META, shapes[BIAS][0], &ws[i], &flags[i])) return rc;
-    if (flags[i] & (8 | 16)) return fail(16, "MsbnbLinear4bitMulti computes in float32 only");
+    if ((flags[i] & 16) && (!ws[i].aligned() || ws[i].block_offset))
+      return fail(16, "projection %d: int8 compute needs in_features (%lld) to be a multiple of the blocksize (%lld) "
+                      "and a symmetric code", i, (long long)ws[i].K, (long long)ws[i].bs);
     if (ws[i].K != ws[0].K) return fail(14, "projection %d has in_features %lld, not %lld", i, (long long)ws[i].K,
                                         (long long)ws[0].K);
     starts[i] = total;
@@ -289,12 +292,14 @@ MSBNB_EXPORT int MsbnbLinear4bitMulti(int nparam, void **params, int *ndims, int
   for (int i = 0; i < g; ++i) {
     const float *bias = (flags[i] & 4) ? static_cast<const float *>(params[1 + 9 * i + 7]) : nullptr;
     const int64_t n = ws[i].N;
+    // each projection in its own compute mode, as MsbnbLinear4bit computes it
+    const auto linear = (flags[i] & 8) ? table().linear4bit_bf16 : (flags[i] & 16) ? table().linear4bit_i8 : table().linear4bit;
     if (M == 1) {  // one row: the projection's output is a contiguous slice of y
-      table().linear4bit(x, 1, ws[i], bias, y + starts[i]);
+      linear(x, 1, ws[i], bias, y + starts[i]);
       continue;
     }
     float *tmp = static_cast<float *>(scratch(5, sizeof(float) * (size_t)(M * n > 0 ? M * n : 1)));
-    table().linear4bit(x, M, ws[i], bias, tmp);
+    linear(x, M, ws[i], bias, tmp);
     for (int64_t m = 0; m < M; ++m) std::memcpy(y + m * total + starts[i], tmp + m * n, sizeof(float) * n);
   }
   return 0;

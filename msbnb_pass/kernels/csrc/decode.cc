@@ -443,7 +443,7 @@ int sub_failed(const char *what, int rc, bool from_api) {
 }  // namespace
 }  // namespace msbnb
 
-// A decoder layer of the lean step, for layers whose seven projections are 4-bit with float32 compute: the
+// A decoder layer of the lean step, for layers whose seven projections are 4-bit (each in its compute mode): the
 // same kernels in the same order as the per-op step (fused q/k/v projection, RoPE + split, the KV cache
 // write, attention, o projection, residual add + RMSNorm, fused gate/up, SwiGLU, down projection, residual
 // add + the next RMSNorm), so the same bits, in one launch instead of eleven (the launches, not the
