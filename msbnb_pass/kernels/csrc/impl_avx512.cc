@@ -870,6 +870,38 @@ bool fast_linear4bit_bf16(const float *x, int64_t M, const W4 &w, const float *b
   return true;
 }
 
+// Whole blocks [k0, k1) of row n of an aligned symmetric 4-bit weight, decoded straight to bf16 for the panel
+// GEMM: per block, the 16 code values times the scale rounded to bf16 (twice, as vpermw reads 5 index bits);
+// per 32 weights, 16 bytes widened so that dword i holds byte i in both words, the even word shifted right by
+// 4 (element 2i, the high nibble) and the odd one not (element 2i + 1: the low nibble, plus one bit that the
+// doubled table ignores), one vpermw. The same values as decode4_aligned + bf16_round_n, at ~5 operations
+// per 32 weights instead of ~4 per 16 plus the rounding.
+template <class P>
+MSBNB_BF16_TARGET void decode4_bf16_blocks(const W4 &w, int64_t n, int64_t k0, int64_t k1, uint16_t *out) {
+  const uint8_t *row = w.packed + (n * w.K) / 2;
+  const int64_t first = n * (w.K / w.bs);
+  const __m512 code = _mm512_loadu_ps(w.code);
+  const __m512i high_even = _mm512_set1_epi32(4);  // word shifts (4, 0, 4, 0, ...)
+  for (int64_t k = k0; k < k1; k += w.bs) {
+    const __m512 c = _mm512_mul_ps(code, _mm512_set1_ps(w.scale(first + k / w.bs)));
+    const __m512i t = P::table(c, c);
+    for (int64_t j = k; j < k + w.bs; j += 32) {
+      const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + j / 2)));
+      const __m512i idx = _mm512_srlv_epi16(_mm512_or_si512(d, _mm512_slli_epi32(d, 16)), high_even);
+      _mm512_storeu_si512(out + (j - k0), _mm512_permutexvar_epi16(idx, t));
+    }
+  }
+}
+
+bool decode4_bf16(const W4 &w, int64_t n, int64_t k0, int64_t k1, uint16_t *out) {
+  if (w.block_offset || w.bs % 32 || k0 % w.bs || (k1 - k0) % w.bs) return false;
+  if (bf16_native_enabled())
+    decode4_bf16_blocks<Bf16Native>(w, n, k0, k1, out);
+  else
+    decode4_bf16_blocks<Bf16Emulated>(w, n, k0, k1, out);
+  return true;
+}
+
 }  // namespace
 
 }  // namespace isa_avx512
