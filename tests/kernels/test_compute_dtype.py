@@ -99,8 +99,9 @@ def check_against_kernel_reference(layer, x: np.ndarray) -> np.ndarray:
 # ---- bfloat16 -----------------------------------------------------------------------------------------------------
 BF16_KINDS = ["nf4-dq-64", "fp4-128", "int4-asym-32", "int8", "int8-asym-tensor"]
 # (N, K, M): fused-size and panel-size M, unaligned K (blocks straddling rows, K not a multiple of 32); M = 1 is
-# the decode GEMV on AVX-512, with K % 128 == 64 (a last half chunk: 576, 1088) and 17 blocks per row
-BF16_SHAPES = [(40, 256, 1), (36, 512, 7), (20, 70, 5), (24, 1536, 3), (23, 576, 1), (37, 1088, 1)]
+# the decode GEMV on AVX-512, with K % 128 == 64 (a last half chunk: 576, 1088) and 17 blocks per row; int8 with
+# K = 1030: two panel chunks, the last ending inside a 32-element step
+BF16_SHAPES = [(40, 256, 1), (36, 512, 7), (20, 70, 5), (24, 1536, 3), (23, 576, 1), (37, 1088, 1), (21, 1030, 1)]
 
 
 def bf16_bound_vs_exact(x: np.ndarray, W: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -128,6 +129,22 @@ def test_bf16_kernel(ms_cpu, isa, kind, n, k, m):
         assert not _lib.bf16_native()
         emulated = layer(Tensor(x)).asnumpy()
         np.testing.assert_array_equal(native, emulated)
+
+
+@pytest.mark.skipif(not CPU, reason="kernel library not built")
+@pytest.mark.parametrize("isa", isa_params(), indirect=True)
+@pytest.mark.parametrize("kind", ["int8", "int8-asym-tensor"])
+@pytest.mark.parametrize("k", [1030, 2048])
+def test_bf16_int8_one_row_equals_its_row_in_a_batch(ms_cpu, isa, kind, k):
+    """INT8 with bf16 compute: one row of x (a GEMV without a panel on AVX-512) gives the bits that the same row
+    gets inside a batch (the panel GEMM), natively and emulated."""
+    layer = make(kind, 37, k, "bfloat16")
+    x = np.random.default_rng(k).standard_normal((3, k)).astype(np.float32)
+    for native in [True, False] if isa == "avx512" and _lib.cpu_has_bf16() else [False]:
+        kernels.set_bf16_native(native)
+        batch = layer(Tensor(x)).asnumpy()
+        for i in range(3):
+            np.testing.assert_array_equal(layer(Tensor(x[i : i + 1])).asnumpy()[0], batch[i])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

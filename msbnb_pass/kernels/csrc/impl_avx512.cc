@@ -771,7 +771,7 @@ bool fast_linear4bit(const float *x, int64_t M, const W4 &w, const float *bias, 
 const int kBf16PlanePos[4] = {1, 0, 3, 2};
 
 struct Bf16Native {
-  static MSBNB_BF16_TARGET inline __m512i table(__m512 first, __m512 second) {
+  static MSBNB_BF16_TARGET inline __m512i pack(__m512 first, __m512 second) {  // 32 bf16: first, then second
     return (__m512i)_mm512_cvtne2ps_pbh(second, first);
   }
   static MSBNB_BF16_TARGET inline __m512 dot(__m512 acc, __m512i w, __m512i x) {
@@ -792,7 +792,7 @@ struct Bf16Emulated {
     r = _mm512_mask_mov_epi32(r, tiny, _mm512_and_si512(top, _mm512_set1_epi32(0x8000)));
     return _mm512_cvtepi32_epi16(r);
   }
-  static inline __m512i table(__m512 first, __m512 second) {
+  static inline __m512i pack(__m512 first, __m512 second) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(round16(first)), round16(second), 1);
   }
   static inline __m512 dot(__m512 acc, __m512i w, __m512i x) {
@@ -831,7 +831,7 @@ MSBNB_BF16_TARGET void bf16_planes_rows(const uint16_t *xq, const W4 &w, int64_t
       for (int r = 0; r < R; ++r) {
         v[r] = half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, rows[r] + c * 64) : _mm512_loadu_si512(rows[r] + c * 64);
         const float s0 = scales[r * bpr + c * 128 / bs], s1 = half ? 0.f : scales[r * bpr + (c * 128 + 64) / bs];
-        t[r] = P::table(_mm512_mul_ps(code, _mm512_set1_ps(s0)), _mm512_mul_ps(code, _mm512_set1_ps(s1)));
+        t[r] = P::pack(_mm512_mul_ps(code, _mm512_set1_ps(s0)), _mm512_mul_ps(code, _mm512_set1_ps(s1)));
       }
       for (int s = 0; s < 4; ++s) {
         const __m512i xv = _mm512_loadu_si512(xq + c * 128 + s * 32);
@@ -884,7 +884,7 @@ MSBNB_BF16_TARGET void decode4_bf16_blocks(const W4 &w, int64_t n, int64_t k0, i
   const __m512i high_even = _mm512_set1_epi32(4);  // word shifts (4, 0, 4, 0, ...)
   for (int64_t k = k0; k < k1; k += w.bs) {
     const __m512 c = _mm512_mul_ps(code, _mm512_set1_ps(w.scale(first + k / w.bs)));
-    const __m512i t = P::table(c, c);
+    const __m512i t = P::pack(c, c);
     for (int64_t j = k; j < k + w.bs; j += 32) {
       const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + j / 2)));
       const __m512i idx = _mm512_srlv_epi16(_mm512_or_si512(d, _mm512_slli_epi32(d, 16)), high_even);
@@ -899,6 +899,94 @@ bool decode4_bf16(const W4 &w, int64_t n, int64_t k0, int64_t k1, uint16_t *out)
     decode4_bf16_blocks<Bf16Native>(w, n, k0, k1, out);
   else
     decode4_bf16_blocks<Bf16Emulated>(w, n, k0, k1, out);
+  return true;
+}
+
+// Rows [k0, k1) of int8 weight row n as bf16 for the panel GEMM: fl(fl(q - offset) * scale) rounded, as
+// decode8 + bf16_round_n give them, 32 at a time.
+template <class P>
+MSBNB_BF16_TARGET inline __m512i decode8_bf16_32(const int8_t *q, __m512 o, __m512 s) {
+  const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(q))));
+  const __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(q + 16))));
+  return P::pack(_mm512_mul_ps(_mm512_sub_ps(a, o), s), _mm512_mul_ps(_mm512_sub_ps(b, o), s));
+}
+
+template <class P>
+MSBNB_BF16_TARGET void decode8_bf16_row(const W8 &w, int64_t n, int64_t k0, int64_t k1, uint16_t *out) {
+  const int8_t *row = w.q + n * w.K;
+  const __m512 s = _mm512_set1_ps(w.s(n)), o = _mm512_set1_ps(w.o(n));
+  int64_t k = k0;
+  for (; k + 32 <= k1; k += 32) _mm512_storeu_si512(out + (k - k0), decode8_bf16_32<P>(row + k, o, s));
+  for (; k < k1; ++k) out[k - k0] = bf16_round(((float)row[k] - w.o(n)) * w.s(n));
+}
+
+bool decode8_bf16(const W8 &w, int64_t n, int64_t k0, int64_t k1, uint16_t *out) {
+  if (bf16_native_enabled())
+    decode8_bf16_row<Bf16Native>(w, n, k0, k1, out);
+  else
+    decode8_bf16_row<Bf16Emulated>(w, n, k0, k1, out);
+  return true;
+}
+
+// One row of x times an int8 weight in bf16, without a panel: the weights decoded in registers 32 at a time and
+// summed exactly as panel_gemm_bf16's micro-kernel sums them (lane i takes elements 2i + 1 and 2i of every 32,
+// chunks of the same depth, weights beyond K zero, each chunk's lanes summed into y = bias): the same bits as
+// the panel path, without writing and reading back a bf16 copy of every weight.
+template <class P, int R>
+MSBNB_BF16_TARGET void gemv8_bf16_rows(const uint16_t *xb, int64_t kc, const W8 &w, int64_t n0, int64_t n1,
+                                       float *y) {
+  const int64_t K = w.K;
+  for (int64_t n = n0; n < n1; n += R) {
+    const int rc = (int)imin(R, n1 - n);
+    const int8_t *rows[R];
+    __m512 s[R], o[R];
+    for (int r = 0; r < R; ++r) {
+      const int64_t nn = n + (r < rc ? r : 0);
+      rows[r] = w.q + nn * K;
+      s[r] = _mm512_set1_ps(w.s(nn));
+      o[r] = _mm512_set1_ps(w.o(nn));
+    }
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+      const int64_t k1 = imin(K, k0 + kc);
+      __m512 acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t k = k0; k < k1; k += 32) {
+        const __m512i xv = _mm512_loadu_si512(xb + k);
+        if (k + 32 <= k1) {
+          for (int r = 0; r < R; ++r) acc[r] = P::dot(acc[r], decode8_bf16_32<P>(rows[r] + k, o[r], s[r]), xv);
+        } else {  // the last partial step: the panel holds zeros beyond K
+          const int64_t rem = k1 - k;
+          const __mmask32 m = (__mmask32)((1ull << rem) - 1ull);
+          alignas(64) int8_t tail[32] = {0};
+          for (int r = 0; r < R; ++r) {
+            __builtin_memcpy(tail, rows[r] + k, (size_t)rem);
+            acc[r] = P::dot(acc[r], _mm512_maskz_mov_epi16(m, decode8_bf16_32<P>(tail, o[r], s[r])), xv);
+          }
+        }
+      }
+      for (int r = 0; r < rc; ++r) y[n + r] += _mm512_reduce_add_ps(acc[r]);
+    }
+  }
+}
+
+bool fast_linear8bit_bf16(const float *x, int64_t M, const W8 &w, const float *bias, float *y) {
+  if (M != 1 || w.N < 1 || w.K < 1) return false;
+  const int64_t K = w.K, Kp = round_up(K, kBf16Pad);
+  init_output(y, 1, w.N, bias);
+  uint16_t *xb = static_cast<uint16_t *>(scratch(2, sizeof(uint16_t) * (size_t)Kp));
+  bf16_round_n(x, K, xb);
+  for (int64_t k = K; k < Kp; ++k) xb[k] = 0;
+  const int64_t kc = imin(kPanelK, K);  // panel_gemm_bf16's chunk depth for kstep = 1
+  constexpr int R = 4;
+  const bool native = bf16_native_enabled();
+  const int64_t per_task = gemv_rows_per_task(w.N, K, R, 16);
+  parallel_tasks(ceil_div(w.N, per_task), [&](int64_t t) {
+    const int64_t n0 = t * per_task, n1 = imin(w.N, n0 + per_task);
+    if (native)
+      gemv8_bf16_rows<Bf16Native, R>(xb, kc, w, n0, n1, y);
+    else
+      gemv8_bf16_rows<Bf16Emulated, R>(xb, kc, w, n0, n1, y);
+  });
   return true;
 }
 

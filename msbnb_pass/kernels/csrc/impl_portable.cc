@@ -134,6 +134,8 @@ void i8_gemm(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const
 bool fast_linear4bit(const float *, int64_t, const W4 &, const float *, float *) { return false; }
 bool fast_linear4bit_bf16(const float *, int64_t, const W4 &, const float *, float *) { return false; }
 bool decode4_bf16(const W4 &, int64_t, int64_t, int64_t, uint16_t *) { return false; }
+bool fast_linear8bit_bf16(const float *, int64_t, const W8 &, const float *, float *) { return false; }
+bool decode8_bf16(const W8 &, int64_t, int64_t, int64_t, uint16_t *) { return false; }
 float quantize_row_fast(const float *x, int64_t K, const uint8_t *outlier, float threshold, int8_t *q,
                         int32_t *qsum) {
   return quantize_row(x, K, outlier, threshold, q, qsum);
