@@ -178,6 +178,7 @@ namespace {
 // stays unscaled; each chunk's partial sums are multiplied by the absmax of the block each lane lies in.
 const int kPlanePos[8] = {1, 0, 3, 2, 5, 4, 7, 6};
 
+
 // The absmax of every block of rows [n, n + R): decoded once per row (double quantization) so the chunk loop
 // only broadcasts them.
 template <int R>
@@ -231,7 +232,10 @@ void planes_rows(const float *xp, const W4 &w, int64_t n0, int64_t n1, const flo
       for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
     for (int64_t c = 0; c < nchunks; ++c) {
       __m512i v[R];
-      for (int r = 0; r < R; ++r) v[r] = _mm512_loadu_si512(rows[r] + c * 64);
+      for (int r = 0; r < R; ++r) {
+        prefetch_next_group(rows[r] + c * 64, R * (K / 2));
+        v[r] = _mm512_loadu_si512(rows[r] + c * 64);
+      }
       const float *xc = xp + c * 128;
       if (ASYM) {
         __m512 sv[R], ov[R];
@@ -653,6 +657,7 @@ void i8_gemv4(const ActQ &a, int64_t K, int64_t N, const W4 &w, float *y) {
         for (int64_t k = k0; k < k1; k += 64) {
           const __m512i xv = _mm512_loadu_si512(xp + k);
           for (int r = 0; r < 16; ++r) {
+            if ((k & 127) == 0) prefetch_next_group(rows[r] + k / 2, 16 * (K / 2));
             const __m512i bytes = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(rows[r] + k / 2)));
             const __m512i codes = _mm512_and_si512(_mm512_mask_srli_epi16(bytes, (__mmask32)0xFFFF0000u, bytes, 4), nib);
             v[r] = dpbusd_inplace(v[r], _mm512_shuffle_epi8(lut512, codes), xv);
@@ -829,6 +834,7 @@ MSBNB_BF16_TARGET void bf16_planes_rows(const uint16_t *xq, const W4 &w, int64_t
       const bool half = c * 128 + 128 > K;  // its last 64 weights do not exist: no bytes, x and scale zero
       __m512i v[R], t[R];
       for (int r = 0; r < R; ++r) {
+        prefetch_next_group(rows[r] + c * 64, R * (K / 2));
         v[r] = half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, rows[r] + c * 64) : _mm512_loadu_si512(rows[r] + c * 64);
         const float s0 = scales[r * bpr + c * 128 / bs], s1 = half ? 0.f : scales[r * bpr + (c * 128 + 64) / bs];
         t[r] = P::pack(_mm512_mul_ps(code, _mm512_set1_ps(s0)), _mm512_mul_ps(code, _mm512_set1_ps(s1)));
@@ -953,7 +959,10 @@ MSBNB_BF16_TARGET void gemv8_bf16_rows(const uint16_t *xb, int64_t kc, const W8 
       for (int64_t k = k0; k < k1; k += 32) {
         const __m512i xv = _mm512_loadu_si512(xb + k);
         if (k + 32 <= k1) {
-          for (int r = 0; r < R; ++r) acc[r] = P::dot(acc[r], decode8_bf16_32<P>(rows[r] + k, o[r], s[r]), xv);
+          for (int r = 0; r < R; ++r) {
+            if ((k & 63) == 0) prefetch_next_group(rows[r] + k, R * K);
+            acc[r] = P::dot(acc[r], decode8_bf16_32<P>(rows[r] + k, o[r], s[r]), xv);
+          }
         } else {  // the last partial step: the panel holds zeros beyond K
           const int64_t rem = k1 - k;
           const __mmask32 m = (__mmask32)((1ull << rem) - 1ull);
