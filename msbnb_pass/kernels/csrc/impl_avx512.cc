@@ -852,6 +852,22 @@ MSBNB_BF16_TARGET void bf16_planes_rows(const uint16_t *xq, const W4 &w, int64_t
   }
 }
 
+// The bf16 GEMVs' rows in tasks over the threads: rows(steps, n0, n1) computes rows [n0, n1) with `steps`
+// Bf16Native or Bf16Emulated (the same bits), kBf16GemvRows side by side (8 measured no faster from DRAM).
+constexpr int kBf16GemvRows = 4;
+template <class Rows>
+void bf16_gemv_tasks(int64_t N, int64_t K, Rows rows) {
+  const bool native = bf16_native_enabled();
+  const int64_t per_task = gemv_rows_per_task(N, K, kBf16GemvRows, 16);
+  parallel_tasks(ceil_div(N, per_task), [&](int64_t t) {
+    const int64_t n0 = t * per_task, n1 = imin(N, n0 + per_task);
+    if (native)
+      rows(Bf16Native{}, n0, n1);
+    else
+      rows(Bf16Emulated{}, n0, n1);
+  });
+}
+
 bool fast_linear4bit_bf16(const float *x, int64_t M, const W4 &w, const float *bias, float *y) {
   const bool pow2 = (w.bs & (w.bs - 1)) == 0;
   if (M != 1 || w.N < 1 || w.K < 1 || w.block_offset || !pow2 || w.bs < 64 || w.K % w.bs || w.K % 64) return false;
@@ -863,15 +879,8 @@ bool fast_linear4bit_bf16(const float *x, int64_t M, const W4 &w, const float *b
         const int64_t k = c + 4 * j + kBf16PlanePos[s];
         xq[c + s * 32 + j] = k < K ? bf16_round(x[k]) : 0;
       }
-  constexpr int R = 4;  // 8 rows measured no faster from DRAM
-  const bool native = bf16_native_enabled();
-  const int64_t per_task = gemv_rows_per_task(w.N, K, R, 16);
-  parallel_tasks(ceil_div(w.N, per_task), [&](int64_t t) {
-    const int64_t n0 = t * per_task, n1 = imin(w.N, n0 + per_task);
-    if (native)
-      bf16_planes_rows<Bf16Native, R>(xq, w, n0, n1, bias, y);
-    else
-      bf16_planes_rows<Bf16Emulated, R>(xq, w, n0, n1, bias, y);
+  bf16_gemv_tasks(w.N, K, [&](auto steps, int64_t n0, int64_t n1) {
+    bf16_planes_rows<decltype(steps), kBf16GemvRows>(xq, w, n0, n1, bias, y);
   });
   return true;
 }
@@ -986,15 +995,8 @@ bool fast_linear8bit_bf16(const float *x, int64_t M, const W8 &w, const float *b
   bf16_round_n(x, K, xb);
   for (int64_t k = K; k < Kp; ++k) xb[k] = 0;
   const int64_t kc = imin(kPanelK, K);  // panel_gemm_bf16's chunk depth for kstep = 1
-  constexpr int R = 4;
-  const bool native = bf16_native_enabled();
-  const int64_t per_task = gemv_rows_per_task(w.N, K, R, 16);
-  parallel_tasks(ceil_div(w.N, per_task), [&](int64_t t) {
-    const int64_t n0 = t * per_task, n1 = imin(w.N, n0 + per_task);
-    if (native)
-      gemv8_bf16_rows<Bf16Native, R>(xb, kc, w, n0, n1, y);
-    else
-      gemv8_bf16_rows<Bf16Emulated, R>(xb, kc, w, n0, n1, y);
+  bf16_gemv_tasks(w.N, K, [&](auto steps, int64_t n0, int64_t n1) {
+    gemv8_bf16_rows<decltype(steps), kBf16GemvRows>(xb, kc, w, n0, n1, y);
   });
   return true;
 }
