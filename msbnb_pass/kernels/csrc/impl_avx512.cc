@@ -178,14 +178,17 @@ namespace {
 // stays unscaled; each chunk's partial sums are multiplied by the absmax of the block each lane lies in.
 const int kPlanePos[8] = {1, 0, 3, 2, 5, 4, 7, 6};
 
-
-// The absmax of every block of rows [n, n + R): decoded once per row (double quantization) so the chunk loop
-// only broadcasts them.
+// Rows [n, n + R) of a GEMV's row group (rows past the rc valid ones repeat row n): their packed bytes, their
+// index, and the absmax of every block (decoded once per row with double quantization, so the chunk loop only
+// broadcasts them).
 template <int R>
-inline void row_scales(const W4 &w, const int64_t *first_block, int64_t bpr, float *out) {
+inline void row_group(const W4 &w, int64_t n, int rc, const uint8_t **rows, int64_t *row, float *scales) {
+  const int64_t bpr = w.K / w.bs;
   for (int r = 0; r < R; ++r) {
-    float *o = out + r * bpr;
-    const int64_t b0 = first_block[r];
+    row[r] = n + (r < rc ? r : 0);
+    rows[r] = w.packed + row[r] * (w.K / 2);
+    float *o = scales + r * bpr;
+    const int64_t b0 = row[r] * bpr;
     if (w.absmax) {
       for (int64_t i = 0; i < bpr; ++i) o[i] = w.absmax[b0 + i];
     } else {
@@ -218,15 +221,10 @@ void planes_rows(const float *xp, const W4 &w, int64_t n0, int64_t n1, const flo
   for (int64_t n = n0; n < n1; n += R) {
     const int rc = (int)imin(R, n1 - n);
     const uint8_t *rows[R];
+    int64_t row[R];
+    row_group<R>(w, n, rc, rows, row, scales);
     const float *offs[R];
-    int64_t first_block[R];
-    for (int r = 0; r < R; ++r) {
-      const int64_t nn = n + (r < rc ? r : 0);
-      rows[r] = w.packed + nn * (K / 2);
-      first_block[r] = nn * bpr;
-      offs[r] = ASYM ? w.block_offset + nn * bpr : nullptr;
-    }
-    row_scales<R>(w, first_block, bpr, scales);
+    for (int r = 0; r < R; ++r) offs[r] = ASYM ? w.block_offset + row[r] * bpr : nullptr;
     __m512 acc[M][R];
     for (int i = 0; i < M; ++i)
       for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
@@ -821,13 +819,8 @@ MSBNB_BF16_TARGET void bf16_planes_rows(const uint16_t *xq, const W4 &w, int64_t
   for (int64_t n = n0; n < n1; n += R) {
     const int rc = (int)imin(R, n1 - n);
     const uint8_t *rows[R];
-    int64_t first_block[R];
-    for (int r = 0; r < R; ++r) {
-      const int64_t nn = n + (r < rc ? r : 0);
-      rows[r] = w.packed + nn * (K / 2);
-      first_block[r] = nn * bpr;
-    }
-    row_scales<R>(w, first_block, bpr, scales);
+    int64_t row[R];
+    row_group<R>(w, n, rc, rows, row, scales);
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t c = 0; c < nchunks; ++c) {
