@@ -10,7 +10,8 @@ Backends:
 The default is ``"cpu"`` when the library loads, else ``"reference"``; ``MSBNB_BACKEND`` or
 ``set_backend()`` override it. Thread count: ``MSBNB_NUM_THREADS`` or ``set_num_threads()``. bfloat16 compute
 uses AVX512-BF16's ``vdpbf16ps`` where the CPU has it (``cpu_has_bf16()``), else an exact emulation;
-``set_bf16_native(False)`` forces the emulation.
+``set_bf16_native(False)`` forces the emulation. Batches of eight or more rows run on Intel AMX bf16 tiles where the CPU
+has them (``cpu_has_amx()``; ``set_amx(False)`` keeps them on the vector path).
 """
 
 from __future__ import annotations
@@ -19,7 +20,17 @@ import os
 from typing import Any
 
 from . import _lib
-from ._lib import bf16_native, cpu_has_bf16, get_num_threads, library_path, set_bf16_native, set_num_threads
+from ._lib import (
+    amx,
+    bf16_native,
+    cpu_has_amx,
+    cpu_has_bf16,
+    get_num_threads,
+    library_path,
+    set_amx,
+    set_bf16_native,
+    set_num_threads,
+)
 
 BACKENDS = ("cpu", "reference")
 ENV_BACKEND = "MSBNB_BACKEND"
@@ -27,8 +38,10 @@ _backend_override: str | None = None
 
 __all__ = [
     "BACKENDS",
+    "amx",
     "available_backends",
     "bf16_native",
+    "cpu_has_amx",
     "cpu_has_bf16",
     "get_backend",
     "get_num_threads",
@@ -37,6 +50,7 @@ __all__ = [
     "library_path",
     "register_kernel",
     "set_backend",
+    "set_amx",
     "set_bf16_native",
     "set_isa",
     "set_num_threads",

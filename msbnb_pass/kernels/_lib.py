@@ -68,6 +68,7 @@ def load() -> ctypes.CDLL | None:
     lib.msbnb_isa_supported.argtypes = [ctypes.c_char_p]
     lib.msbnb_set_num_threads.argtypes = [ctypes.c_int]
     lib.msbnb_set_bf16_native.argtypes = [ctypes.c_int]
+    lib.msbnb_set_amx.argtypes = [ctypes.c_int]
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.msbnb_quantize_4bit.argtypes = [p, i64, i64, p, p, i32, p, p, p]
     lib.msbnb_quantize_blockwise_8bit.argtypes = [p, i64, i64, p, p, p]
@@ -132,6 +133,27 @@ def set_bf16_native(on: bool) -> None:
     if not isinstance(on, bool):
         raise TypeError(f"set_bf16_native takes a bool, got {on!r}")
     _require().msbnb_set_bf16_native(int(on))
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX bf16 tiles and Linux lets this process use them."""
+    return bool(_require().msbnb_cpu_has_amx())
+
+
+def amx() -> bool:
+    """Whether bfloat16 compute runs batches (eight or more rows of x) on AMX tiles now."""
+    return bool(_require().msbnb_amx())
+
+
+def set_amx(on: bool) -> None:
+    """Run bfloat16 batches on AMX tiles where the CPU has them (True, the default) or on the vector path.
+
+    The tiles multiply the same bf16 operands but sum each output in their own order, so the last bits differ
+    from the vector path (``vdpbf16ps`` and its emulation), within the same error bound. They are used only
+    while ``bf16_native()`` is on."""
+    if not isinstance(on, bool):
+        raise TypeError(f"set_amx takes a bool, got {on!r}")
+    _require().msbnb_set_amx(int(on))
 
 
 def get_num_threads() -> int:

@@ -84,6 +84,7 @@ def isa(request):
     yield request.param
     kernels.set_isa("auto")
     kernels.set_bf16_native(True)
+    kernels.set_amx(True)
 
 
 def check_against_kernel_reference(layer, x: np.ndarray) -> np.ndarray:
@@ -122,6 +123,7 @@ def test_bf16_kernel(ms_cpu, isa, kind, n, k, m):
     exact = x.astype(np.float64) @ W.astype(np.float64).T + b
     assert np.all(np.abs(y - exact) <= bf16_bound_vs_exact(x, W, exact))
     if isa == "avx512" and _lib.cpu_has_bf16():  # vdpbf16ps and its emulation: the same bits
+        kernels.set_amx(False)  # AMX tiles (batches on CPUs that have them) sum in their own order
         kernels.set_bf16_native(True)
         assert _lib.bf16_native()
         native = layer(Tensor(x)).asnumpy()
@@ -140,11 +142,50 @@ def test_bf16_int8_one_row_equals_its_row_in_a_batch(ms_cpu, isa, kind, k):
     gets inside a batch (the panel GEMM), natively and emulated."""
     layer = make(kind, 37, k, "bfloat16")
     x = np.random.default_rng(k).standard_normal((3, k)).astype(np.float32)
+    kernels.set_amx(False)  # AMX tiles (batches on CPUs that have them) sum in their own order
     for native in [True, False] if isa == "avx512" and _lib.cpu_has_bf16() else [False]:
         kernels.set_bf16_native(native)
         batch = layer(Tensor(x)).asnumpy()
         for i in range(3):
             np.testing.assert_array_equal(layer(Tensor(x[i : i + 1])).asnumpy()[0], batch[i])
+
+
+# (N, K, M) for the AMX tiles (batches of 8 rows or more): M below, at and across the 16- and 32-row tiles, N
+# across the 32-row panel pairs and the tasks (up to 128 rows), K unaligned and over several decode chunks (1024)
+AMX_SHAPES = [(40, 256, 8), (33, 70, 17), (200, 512, 33), (31, 1536, 64), (130, 2112, 9)]
+
+
+@pytest.mark.skipif(not (CPU and _lib.cpu_has_amx()), reason="this CPU has no AMX bf16 tiles (or Linux does not grant them)")
+@pytest.mark.parametrize("kind", BF16_KINDS)
+@pytest.mark.parametrize(("n", "k", "m"), AMX_SHAPES)
+def test_bf16_amx_tiles(ms_cpu, kind, n, k, m):
+    """bfloat16 batches on AMX tiles: the same rounded operands as the vector path, each output summed by the tile
+    unit. Its accumulation is not round-to-nearest at every step (measured), so the float32 part of the bound is
+    taken with twice the unit roundoff: |y - x_b W_b^T| <= gamma'_(K+3) |x_b| @ |W_b|^T, u' = 2^-23."""
+    kernels.set_isa("avx512")
+    try:
+        layer = make(kind, n, k, "bfloat16")
+        x = np.random.default_rng(k + m).standard_normal((m, k)).astype(np.float32)
+        kernels.set_amx(True)
+        assert _lib.amx()
+        y = layer(Tensor(x)).asnumpy().astype(np.float64)
+        ref, bound = layer.kernel_reference(x)
+        ref = ref + layer.bias.asnumpy()
+        err = np.abs(y - ref)
+        assert np.all(err <= 2 * bound + np.abs(ref) * U), f"worst ratio {(err / (2 * bound)).max():.3g}"
+        kernels.set_amx(False)
+        assert not _lib.amx()
+        vector = layer(Tensor(x)).asnumpy().astype(np.float64)
+        assert np.all(np.abs(vector - ref) <= bound + np.abs(ref) * U)
+        # each output depends only on its own row of x: the rows in another batch (reversed) give the same bits
+        kernels.set_amx(True)
+        rows = np.arange(m)[::-1][:8]
+        np.testing.assert_array_equal(layer(Tensor(x[rows])).asnumpy(), y[rows].astype(np.float32))
+        with pytest.raises(TypeError, match="set_amx takes a bool, got 1"):
+            kernels.set_amx(1)
+    finally:
+        kernels.set_amx(True)
+        kernels.set_isa("auto")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -11,6 +11,10 @@
 #include <cstring>
 #include <vector>
 
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include "msbnb.h"
 
 #define MSBNB_EXPORT extern "C" __attribute__((visibility("default")))
@@ -43,6 +47,19 @@ bool cpu_has_avx2() {
 bool cpu_has_avx512bf16() {
   __builtin_cpu_init();
   return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+}
+
+// Intel AMX with bf16 tiles (AMX-TILE + AMX-BF16 in CPUID leaf 7, the tile state enabled in XCR0), usable once
+// Linux grants this process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, Linux >= 5.16).
+bool amx_bf16_usable() {
+  unsigned a, b, c, d;
+  if (!cpu_has_avx512bf16() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  if (!(d & (1u << 22)) || !(d & (1u << 24))) return false;
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & (3u << 17)) != (3u << 17)) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
 }
 
 const KernelTable *best_table() {
@@ -195,6 +212,7 @@ int parse_w4(void **params, int *ndims, int64_t **shapes, const char **dtypes, i
 }
 
 std::atomic<int> g_bf16_native{1};  // use vdpbf16ps when the CPU has it (0: always the emulation)
+std::atomic<int> g_amx{1};          // use AMX bf16 tiles for batches when the CPU has them (and native bf16 is on)
 
 int64_t rows_of(int nd, const int64_t *shape, int64_t last) {
   if (nd < 1) return -1;
@@ -214,6 +232,11 @@ std::vector<int64_t> replace_last(int nd, const int64_t *shape, int64_t last) {
 bool bf16_native_enabled() {
   static const bool has = cpu_has_avx512bf16();
   return has && g_bf16_native.load(std::memory_order_relaxed) != 0;
+}
+
+bool amx_bf16_enabled() {
+  static const bool has = amx_bf16_usable();
+  return has && bf16_native_enabled() && g_amx.load(std::memory_order_relaxed) != 0;
 }
 }  // namespace msbnb
 
@@ -462,6 +485,13 @@ MSBNB_EXPORT int msbnb_isa_supported(const char *name) {
 MSBNB_EXPORT void msbnb_set_bf16_native(int on) { g_bf16_native.store(on ? 1 : 0, std::memory_order_relaxed); }
 MSBNB_EXPORT int msbnb_bf16_native() { return bf16_native_enabled() && table().name == kTableAvx512.name ? 1 : 0; }
 MSBNB_EXPORT int msbnb_cpu_has_bf16() { return cpu_has_avx512bf16() ? 1 : 0; }
+// bf16 products of batches (8 rows of x or more) on AMX tiles: 1 = where the CPU has them (the default), 0 = never.
+MSBNB_EXPORT void msbnb_set_amx(int on) { g_amx.store(on ? 1 : 0, std::memory_order_relaxed); }
+MSBNB_EXPORT int msbnb_amx() { return amx_bf16_enabled() && table().name == kTableAvx512.name ? 1 : 0; }
+MSBNB_EXPORT int msbnb_cpu_has_amx() {
+  static const bool has = amx_bf16_usable();
+  return has ? 1 : 0;
+}
 MSBNB_EXPORT int msbnb_num_threads() { return num_threads(); }
 MSBNB_EXPORT void msbnb_set_num_threads(int n) { set_num_threads(n); }
 

@@ -121,6 +121,9 @@ BV bload(const uint16_t *p) {
             _mm256_castsi256_ps(_mm256_slli_epi32(v, 16))};
 }
 const MicroBf16Fn *bf16_native_micro() { return nullptr; }
+bool amx_ready() { return false; }
+void amx_bf16_panel(const uint32_t *, int64_t, int64_t, const uint16_t *, int64_t, int64_t, int64_t, int64_t, float *,
+                    int64_t) {}
 void i8_gemm(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const W8 *w8, float *y) {
   i8_gemm_generic(a, M, K, N, w4, w8, y);
 }

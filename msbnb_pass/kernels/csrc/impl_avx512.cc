@@ -368,6 +368,68 @@ const MicroBf16Fn kMicroBf16Native[16] = {
 };
 const MicroBf16Fn *bf16_native_micro() { return bf16_native_enabled() ? kMicroBf16Native : nullptr; }
 
+// ---- bf16 batches on AMX tiles ----------------------------------------------------------------------------------
+// Eight 16 x 64-byte tiles: C in 0-3 (2 x 2 blocks of 16 weight rows x 16 rows of x, float32), two tiles of weight
+// rows (16 rows x 32 bf16 of the panel, row-major as decoded) and two of x (16 pairs of k x 16 rows of x).
+bool amx_ready() { return amx_bf16_enabled(); }
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+#define MSBNB_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f")))
+MSBNB_AMX_TARGET void amx_bf16_tiles(const uint32_t *xT, int64_t Mp, int64_t M, const uint16_t *panel, int64_t ld,
+                                     int64_t rows, int64_t kpad, int64_t nvalid, float *y, int64_t N) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) float c[4][16][16];
+  const int64_t lda = ld * (int64_t)sizeof(uint16_t), ldb = Mp * (int64_t)sizeof(uint32_t);
+  for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 32) {
+      const uint16_t *a0 = panel + r0 * ld, *a1 = a0 + 16 * ld;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k = 0; k < kpad; k += 32) {
+        const uint32_t *b = xT + (k / 2) * Mp + m0;
+        _tile_loadd(4, a0 + k, lda);
+        _tile_loadd(5, a1 + k, lda);
+        _tile_loadd(6, b, ldb);
+        _tile_loadd(7, b + 16, ldb);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c[0], 64);
+      _tile_stored(1, c[1], 64);
+      _tile_stored(2, c[2], 64);
+      _tile_stored(3, c[3], 64);
+      for (int i = 0; i < 4; ++i)  // c[i][row of the panel][row of x]
+        for (int r = 0; r < 16; ++r) {
+          const int64_t n = r0 + 16 * (i / 2) + r;
+          if (n >= nvalid) break;
+          for (int j = 0; j < 16; ++j) {
+            const int64_t m = m0 + 16 * (i % 2) + j;
+            if (m < M) y[m * N + n] += c[i][r][j];
+          }
+        }
+    }
+  }
+  _tile_release();
+}
+void amx_bf16_panel(const uint32_t *xT, int64_t Mp, int64_t M, const uint16_t *panel, int64_t ld, int64_t rows,
+                    int64_t kpad, int64_t nvalid, float *y, int64_t N) {
+  amx_bf16_tiles(xT, Mp, M, panel, ld, rows, kpad, nvalid, y, N);
+}
+
 // ---- int8 compute with VPDPBUSD -----------------------------------------------------------------------------------
 // Register-blocked with the rows of x in the vector lanes: the quantized activations are transposed once per
 // call into [K/4][Mp] dwords (4 consecutive int8 of one row per dword, 16 rows per vector), each weight dword

@@ -86,6 +86,8 @@ extern const KernelTable kTablePortable;
 
 // ---- bf16 dot products: native vdpbf16ps where the CPU has AVX512-BF16 and it is not disabled --------
 bool bf16_native_enabled();
+// AMX bf16 tiles usable (CPU, kernel permission) and enabled (msbnb_set_amx, native bf16 on).
+bool amx_bf16_enabled();
 
 // ---- threads -----------------------------------------------------------------------------------------
 int num_threads();
