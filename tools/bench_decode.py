@@ -26,7 +26,11 @@ limit the measured decode speed reaches.
 Variants: fp32, int8 (weight-only), llm_int8 (threshold 6), nf4 (+ double quantization, blocksize 64),
 nf4_all (nf4, and the token embedding and an untied ``lm_head`` too: ``QuantConfig(quantize_embeddings=True,
 quantize_lm_head=True)``; a tied embedding, SmolLM2's, stays float, so there it equals nf4),
-nf4_bf16 / nf4_int8 / int8_int8 (compute_dtype bfloat16 / int8), q4_1 (SmolLM2's GGUF as stored).
+nf4_bf16 / nf4_int8 / int8_int8 (compute_dtype bfloat16 / int8), q4_1 (SmolLM2's GGUF as stored);
+llama_cpp: the peer, llama.cpp through ``llama-cpp-python`` (when installed; ``pip install llama-cpp-python``
+builds it from source), on the same SmolLM2 Q4_1 GGUF with as many threads as our kernels, the same prompt ids,
+greedy ``Llama.generate``: time to the first token and between tokens, as for ours (its Q4_1 path quantizes
+activations to 8 bits).
 
 ``--paths``: which decode step to time, ``lean`` (the library's decode kernels and fused projections, what
 ``generate`` uses by default: one launch per decoder layer where every projection is 4-bit), ``ops`` (the
@@ -55,7 +59,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PATHS = {"lean": True, "ops": "ops", "plain": False}  # --paths -> generate(decode_kernels=...)
-VARIANTS = ("fp32", "int8", "llm_int8", "nf4", "nf4_all", "nf4_bf16", "nf4_int8", "int8_int8", "q4_1")
+VARIANTS = ("fp32", "int8", "llm_int8", "nf4", "nf4_all", "nf4_bf16", "nf4_int8", "int8_int8", "q4_1", "llama_cpp")
 LLAMA08B = dict(
     vocab_size=32000,
     hidden_size=2048,
@@ -185,6 +189,85 @@ def _read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
         times.append(time.perf_counter() - t)
     del buf, parts
     return nbytes / float(np.median(times))
+
+
+def _llama_cpp_worker(prompt_len: int, new: int, repeats: int) -> list:
+    """The peer's row: llama.cpp (llama-cpp-python) decoding SmolLM2's Q4_1 GGUF."""
+    import gc
+
+    import numpy as np
+
+    row = {"model": "smollm2", "variant": "llama_cpp", "path": "llama.cpp"}
+    try:
+        import llama_cpp
+    except ImportError:
+        return [dict(row, skipped="llama-cpp-python is not installed (pip install llama-cpp-python builds it)")]
+    from msbnb_pass.kernels import get_num_threads
+
+    gguf = _smollm2_file()
+    threads = get_num_threads()
+    t = time.perf_counter()
+    llm = llama_cpp.Llama(
+        model_path=str(gguf),
+        n_ctx=prompt_len + new + 16,
+        n_batch=max(prompt_len, 8),
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    build_s = time.perf_counter() - t
+    ids = np.random.default_rng(0).integers(3, llm.n_vocab(), (1, prompt_len)).astype(np.int32)[0].tolist()
+
+    def run() -> tuple[list[float], float, list[int]]:
+        stamps: list[float] = []
+        out: list[int] = []
+        start = time.perf_counter()
+        for tok in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+            stamps.append(time.perf_counter())
+            out.append(int(tok))
+            if len(out) == new:
+                break
+        return np.diff(np.array(stamps)).tolist(), stamps[0] - start, out
+
+    t = time.perf_counter()
+    run()  # warm-up, as ours compiles its graphs first
+    compile_s = time.perf_counter() - t
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    steps: list[float] = []
+    ttfts: list[float] = []
+    for _ in range(repeats):
+        st, ttft, _ = run()
+        steps.extend(st)
+        ttfts.append(ttft)
+    peak = round(_vm("VmHWM:") / 2**20)
+    bandwidth = _read_bandwidth()
+    step = float(np.median(steps))
+    ttft = float(np.median(ttfts))
+    size = gguf.stat().st_size  # every tensor of the file (its Q8_0 embedding is also the tied head)
+    return [
+        dict(
+            row,
+            prompt_len=prompt_len,
+            new_tokens=new,
+            repeats=repeats,
+            threads=threads,
+            llama_cpp_python=llama_cpp.__version__,
+            build_s=round(build_s, 2),
+            compile_and_first_run_s=round(compile_s, 2),
+            ttft_ms=round(ttft * 1e3, 1),
+            prefill_tok_s=round(prompt_len / ttft, 1),
+            decode_ms_per_token=round(step * 1e3, 2),
+            decode_tok_s=round(1.0 / step, 1),
+            peak_rss_mib=peak,
+            param_mib=round(size / 2**20, 1),
+            step_read_mib=round(size / 2**20, 1),
+            read_bandwidth_gb_s=round(bandwidth / 1e9, 1),
+            dram_limit_tok_s=round(bandwidth / size, 2),
+            of_dram_limit=round(size / bandwidth / step, 3),
+        )
+    ]
 
 
 def _worker(model: str, variant: str, prompt_len: int, new: int, profile: bool, paths: list[str], repeats: int) -> list:
@@ -534,6 +617,9 @@ def main(argv=None) -> int:
     paths = args.paths.split(",")
     if any(p not in PATHS for p in paths) or args.repeats < 1:
         raise SystemExit(f"--paths takes lean, ops and/or plain, --repeats >= 1; got {args.paths!r}, {args.repeats}")
+    if args.worker and args.worker[1] == "llama_cpp":
+        print("RESULT " + json.dumps(_llama_cpp_worker(args.prompt_len, args.new, args.repeats)), flush=True)
+        return 0
     if args.worker:
         res = _worker(*args.worker, args.prompt_len, args.new, args.profile, paths, args.repeats)
         print("RESULT " + json.dumps(res), flush=True)
@@ -549,7 +635,9 @@ def main(argv=None) -> int:
         for variant in args.variants.split(","):
             if variant not in VARIANTS:
                 raise SystemExit(f"unknown variant {variant!r} (accepted: {', '.join(VARIANTS)})")
-            if (variant == "q4_1" and model != "smollm2") or (model == "llama7b" and variant not in LLAMA7B_COMPUTE):
+            if (variant in ("q4_1", "llama_cpp") and model != "smollm2") or (
+                model == "llama7b" and variant not in LLAMA7B_COMPUTE
+            ):
                 continue
             cmd = [sys.executable, __file__, "--worker", model, variant, "--prompt-len", str(args.prompt_len)]
             cmd += ["--new", str(args.new), "--paths", args.paths, "--repeats", str(args.repeats)]
@@ -576,8 +664,8 @@ def _table(results: list[dict]) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     results = [r for r in results if "skipped" not in r]
     fp32 = {(r["model"], r.get("path")): r for r in results if r["variant"] == "fp32"}
-    for r in results:
-        base = fp32.get((r["model"], r.get("path")))
+    for r in results:  # the llama.cpp row is compared with our default (lean) fp32 step
+        base = fp32.get((r["model"], r.get("path"))) or fp32.get((r["model"], "lean"))
         dx = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}" if base else "-"
         mx = f"{r['param_mib'] / base['param_mib']:.2f}" if base else "-"
         print(

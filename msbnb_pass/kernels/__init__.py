@@ -10,8 +10,9 @@ Backends:
 The default is ``"cpu"`` when the library loads, else ``"reference"``; ``MSBNB_BACKEND`` or
 ``set_backend()`` override it. Thread count: ``MSBNB_NUM_THREADS`` or ``set_num_threads()``. bfloat16 compute
 uses AVX512-BF16's ``vdpbf16ps`` where the CPU has it (``cpu_has_bf16()``), else an exact emulation;
-``set_bf16_native(False)`` forces the emulation. Batches of eight or more rows run on Intel AMX bf16 tiles where the CPU
-has them (``cpu_has_amx()``; ``set_amx(False)`` keeps them on the vector path).
+``set_bf16_native(False)`` forces the emulation. Batches run on Intel AMX tiles where the CPU has them
+(``cpu_has_amx()``: bfloat16 from 8 rows of x, int8 compute from 5 with the same bits; ``set_amx(False)`` keeps
+them on the vector path).
 """
 
 from __future__ import annotations

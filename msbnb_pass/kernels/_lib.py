@@ -135,22 +135,29 @@ def set_bf16_native(on: bool) -> None:
     _require().msbnb_set_bf16_native(int(on))
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX bf16 tiles and Linux lets this process use them."""
-    return bool(_require().msbnb_cpu_has_amx())
+def _amx_kinds(bits: int) -> tuple[str, ...]:
+    return tuple(name for bit, name in ((1, "bfloat16"), (2, "int8")) if bits & bit)
 
 
-def amx() -> bool:
-    """Whether bfloat16 compute runs batches (eight or more rows of x) on AMX tiles now."""
-    return bool(_require().msbnb_amx())
+def cpu_has_amx() -> tuple[str, ...]:
+    """The compute modes this CPU has AMX tiles for (``"bfloat16"``, ``"int8"``; empty when none, or when Linux
+    does not let this process use them)."""
+    return _amx_kinds(_require().msbnb_cpu_has_amx())
+
+
+def amx() -> tuple[str, ...]:
+    """The compute modes whose batches run on AMX tiles now: bfloat16 from 8 rows of x (while ``bf16_native()``),
+    int8 from 5 rows (blocks and in_features in whole 64-element steps); empty when none."""
+    return _amx_kinds(_require().msbnb_amx())
 
 
 def set_amx(on: bool) -> None:
-    """Run bfloat16 batches on AMX tiles where the CPU has them (True, the default) or on the vector path.
+    """Run bfloat16 and int8 batches on AMX tiles where the CPU has them (True, the default) or on the vector path.
 
-    The tiles multiply the same bf16 operands but sum each output in their own order, so the last bits differ
-    from the vector path (``vdpbf16ps`` and its emulation), within the same error bound. They are used only
-    while ``bf16_native()`` is on."""
+    bfloat16: the tiles multiply the same bf16 operands but sum each output in their own order, so the last bits
+    differ from the vector path (``vdpbf16ps`` and its emulation), within the same error bound; used only while
+    ``bf16_native()`` is on. int8: the integer block sums are exact, and the float steps after them the same,
+    so the tiles give the same bits as every other instruction set."""
     if not isinstance(on, bool):
         raise TypeError(f"set_amx takes a bool, got {on!r}")
     _require().msbnb_set_amx(int(on))

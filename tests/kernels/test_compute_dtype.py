@@ -155,7 +155,9 @@ def test_bf16_int8_one_row_equals_its_row_in_a_batch(ms_cpu, isa, kind, k):
 AMX_SHAPES = [(40, 256, 8), (33, 70, 17), (200, 512, 33), (31, 1536, 64), (130, 2112, 9)]
 
 
-@pytest.mark.skipif(not (CPU and _lib.cpu_has_amx()), reason="this CPU has no AMX bf16 tiles (or Linux does not grant them)")
+@pytest.mark.skipif(
+    not (CPU and "bfloat16" in _lib.cpu_has_amx()), reason="this CPU has no AMX bf16 tiles (or Linux does not grant them)"
+)
 @pytest.mark.parametrize("kind", BF16_KINDS)
 @pytest.mark.parametrize(("n", "k", "m"), AMX_SHAPES)
 def test_bf16_amx_tiles(ms_cpu, kind, n, k, m):
@@ -167,7 +169,7 @@ def test_bf16_amx_tiles(ms_cpu, kind, n, k, m):
         layer = make(kind, n, k, "bfloat16")
         x = np.random.default_rng(k + m).standard_normal((m, k)).astype(np.float32)
         kernels.set_amx(True)
-        assert _lib.amx()
+        assert "bfloat16" in _lib.amx()
         y = layer(Tensor(x)).asnumpy().astype(np.float64)
         ref, bound = layer.kernel_reference(x)
         ref = ref + layer.bias.asnumpy()
@@ -211,8 +213,18 @@ def test_bf16_round_oracle():
 # ---- int8 -------------------------------------------------------------------------------------------------------
 INT8_KINDS = ["nf4-dq-64", "fp4-128", "int4-32", "int8"]
 # K=200: INT8 only; M = 1 with K = 2048 and 1088 (32 and 17 blocks of 64 per row: the decode GEMV's scales are
-# decoded 16 blocks at a time, and with 17 a group straddles rows and nested blocks)
-INT8_SHAPES = [(40, 256, 1), (36, 512, 17), (20, 384, 70), (8, 200, 3), (12, 128, 300), (20, 2048, 1), (37, 1088, 1)]
+# decoded 16 blocks at a time, and with 17 a group straddles rows and nested blocks); K = 192 with INT8's blocks
+# of 128: a last block of 64 (AMX tiles take whole 64-element steps)
+INT8_SHAPES = [
+    (40, 256, 1),
+    (36, 512, 17),
+    (20, 384, 70),
+    (8, 200, 3),
+    (12, 128, 300),
+    (20, 2048, 1),
+    (37, 1088, 1),
+    (33, 192, 9),
+]
 INT8_BLOCK = {"nf4-dq-64": 64, "fp4-128": 128, "int4-32": 32, "int8": 1}
 
 
@@ -257,6 +269,37 @@ def test_int8_kernel_all_isas_identical(ms_cpu, kind, n, k, m):
     exact = x.astype(np.float64) @ W.astype(np.float64).T + b
     bound = int8_bound_vs_exact(layer, x) + np.abs(exact) * U + 1e-30
     assert np.all(np.abs(outputs[0] - exact) <= bound), f"worst ratio {(np.abs(outputs[0] - exact) / bound).max()}"
+
+
+@pytest.mark.skipif(
+    not (CPU and "int8" in _lib.cpu_has_amx()), reason="this CPU has no AMX int8 tiles (or Linux does not grant them)"
+)
+@pytest.mark.parametrize(
+    ("kind", "n", "k", "m"),
+    [
+        (kind, *shape)
+        for kind in ["nf4-dq-64", "fp4-128", "int8"]
+        for shape in [(36, 512, 17), (33, 192, 9), (130, 1024, 5), (20, 384, 130)]
+        if shape[1] % INT8_BLOCK[kind] == 0
+    ],
+)
+def test_int8_amx_tiles_same_bits(ms_cpu, kind, n, k, m):
+    """int8 compute on AMX tiles (batches of 5+ rows): exact integer block sums and the same float steps, so the
+    same bits as the vector path."""
+    layer = make(kind, n, k, "int8")
+    x = np.random.default_rng(k + m).standard_normal((m, k)).astype(np.float32)
+    x[:, 5] *= 30.0
+    kernels.set_isa("avx512")
+    try:
+        kernels.set_amx(True)
+        assert "int8" in _lib.amx()
+        tiles = check_against_kernel_reference(layer, x)
+        kernels.set_amx(False)
+        assert "int8" not in _lib.amx()
+        np.testing.assert_array_equal(tiles, layer(Tensor(x)).asnumpy().astype(np.float64))
+    finally:
+        kernels.set_amx(True)
+        kernels.set_isa("auto")
 
 
 @pytest.mark.parametrize("kind", ["nf4-dq-64", "int8"])

@@ -49,19 +49,27 @@ bool cpu_has_avx512bf16() {
   return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
 }
 
-// Intel AMX with bf16 tiles (AMX-TILE + AMX-BF16 in CPUID leaf 7, the tile state enabled in XCR0), usable once
-// Linux grants this process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, Linux >= 5.16).
-bool amx_bf16_usable() {
-  unsigned a, b, c, d;
-  if (!cpu_has_avx512bf16() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  if (!(d & (1u << 22)) || !(d & (1u << 24))) return false;
-  unsigned lo, hi;
-  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  if ((lo & (3u << 17)) != (3u << 17)) return false;
-  constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
-  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+// Intel AMX: tiles (AMX-TILE, CPUID leaf 7 EDX bit 24) with bf16 (bit 22) or int8 (bit 25) products, the tile
+// state enabled in XCR0, usable once Linux grants this process the tile data state (arch_prctl
+// ARCH_REQ_XCOMP_PERM, Linux >= 5.16; asked once).
+bool amx_tiles_granted() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!cpu_has_avx512() || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24))) return false;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+  }();
+  return ok;
 }
-
+bool cpu_has_amx_feature(int bit) {
+  unsigned a, b, c, d;
+  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << bit)) && amx_tiles_granted();
+}
+bool amx_bf16_usable() { return cpu_has_avx512bf16() && cpu_has_amx_feature(22); }
+bool amx_int8_usable() { return cpu_has_amx_feature(25); }
 const KernelTable *best_table() {
   if (cpu_has_avx512()) return &kTableAvx512;
   if (cpu_has_avx2()) return &kTableAvx2;
@@ -212,7 +220,7 @@ int parse_w4(void **params, int *ndims, int64_t **shapes, const char **dtypes, i
 }
 
 std::atomic<int> g_bf16_native{1};  // use vdpbf16ps when the CPU has it (0: always the emulation)
-std::atomic<int> g_amx{1};          // use AMX bf16 tiles for batches when the CPU has them (and native bf16 is on)
+std::atomic<int> g_amx{1};  // use AMX tiles for batches when the CPU has them (bf16: while native bf16 is on)
 
 int64_t rows_of(int nd, const int64_t *shape, int64_t last) {
   if (nd < 1) return -1;
@@ -237,6 +245,11 @@ bool bf16_native_enabled() {
 bool amx_bf16_enabled() {
   static const bool has = amx_bf16_usable();
   return has && bf16_native_enabled() && g_amx.load(std::memory_order_relaxed) != 0;
+}
+
+bool amx_int8_enabled() {
+  static const bool has = amx_int8_usable();
+  return has && g_amx.load(std::memory_order_relaxed) != 0;
 }
 }  // namespace msbnb
 
@@ -485,12 +498,16 @@ MSBNB_EXPORT int msbnb_isa_supported(const char *name) {
 MSBNB_EXPORT void msbnb_set_bf16_native(int on) { g_bf16_native.store(on ? 1 : 0, std::memory_order_relaxed); }
 MSBNB_EXPORT int msbnb_bf16_native() { return bf16_native_enabled() && table().name == kTableAvx512.name ? 1 : 0; }
 MSBNB_EXPORT int msbnb_cpu_has_bf16() { return cpu_has_avx512bf16() ? 1 : 0; }
-// bf16 products of batches (8 rows of x or more) on AMX tiles: 1 = where the CPU has them (the default), 0 = never.
+// Batches on AMX tiles: bf16 products from 8 rows of x, int8 products (the same bits) from 5; 1 = where the CPU
+// has them (the default), 0 = never. msbnb_amx / msbnb_cpu_has_amx: bit 0 bf16, bit 1 int8.
 MSBNB_EXPORT void msbnb_set_amx(int on) { g_amx.store(on ? 1 : 0, std::memory_order_relaxed); }
-MSBNB_EXPORT int msbnb_amx() { return amx_bf16_enabled() && table().name == kTableAvx512.name ? 1 : 0; }
+MSBNB_EXPORT int msbnb_amx() {
+  if (table().name != kTableAvx512.name) return 0;
+  return (amx_bf16_enabled() ? 1 : 0) | (amx_int8_enabled() ? 2 : 0);
+}
 MSBNB_EXPORT int msbnb_cpu_has_amx() {
-  static const bool has = amx_bf16_usable();
-  return has ? 1 : 0;
+  static const int has = (amx_bf16_usable() ? 1 : 0) | (amx_int8_usable() ? 2 : 0);
+  return has;
 }
 MSBNB_EXPORT int msbnb_num_threads() { return num_threads(); }
 MSBNB_EXPORT void msbnb_set_num_threads(int n) { set_num_threads(n); }

@@ -380,6 +380,7 @@ struct alignas(64) TileConfig {
 };
 
 #define MSBNB_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f")))
+#define MSBNB_AMX_INT8_TARGET __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512dq,avx512vl")))
 MSBNB_AMX_TARGET void amx_bf16_tiles(const uint32_t *xT, int64_t Mp, int64_t M, const uint16_t *panel, int64_t ld,
                                      int64_t rows, int64_t kpad, int64_t nvalid, float *y, int64_t N) {
   TileConfig cfg;
@@ -747,6 +748,49 @@ void i8_gemm(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const
   }
 }
 
+// int8 compute on AMX tiles (tdpbusd), for blocks and K in whole 64-element steps: per block, the unsigned weight
+// levels of 16 rows (A) times 16 rows of x as transposed dwords (B) give the block's exact integer sums; they
+// are then offset, converted, scaled and accumulated in the same float steps as i8_gemm_generic, so the same bits.
+bool amx_int8_ready() { return amx_int8_enabled(); }
+
+MSBNB_AMX_INT8_TARGET void i8_amx_group(const int32_t *xT, const int32_t *corr, const float *sxT, int64_t Mp, int64_t M,
+                                        int64_t K, int64_t B, int64_t nb, const uint8_t *wu8, int64_t ldw,
+                                        const float *ws, int64_t n0, int rc, int64_t N, float *y) {
+  TileConfig cfg;
+  for (int t = 0; t < 3; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) int32_t c[16][16];
+  alignas(64) float out[16][16];
+  for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
+    __m512 facc[16];
+    for (int r = 0; r < 16; ++r) facc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t k0 = b * B, k1 = imin(K, k0 + B);
+      _tile_zero(0);
+      for (int64_t k = k0; k < k1; k += 64) {
+        _tile_loadd(1, wu8 + k, ldw);
+        _tile_loadd(2, xT + (k / 4) * Mp + m0, Mp * (int64_t)sizeof(int32_t));
+        _tile_dpbusd(0, 1, 2);
+      }
+      _tile_stored(0, c, 64);
+      const __m512i cv = _mm512_loadu_si512(corr + b * Mp + m0);
+      const __m512 sv = _mm512_loadu_ps(sxT + b * Mp + m0);
+      for (int r = 0; r < 16; ++r) {
+        const __m512i dot = _mm512_add_epi32(_mm512_load_si512(c[r]), cv);
+        const __m512 sc = _mm512_mul_ps(sv, _mm512_set1_ps(ws[r * nb + b]));
+        facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, facc[r]);
+      }
+    }
+    for (int r = 0; r < 16; ++r) _mm512_store_ps(out[r], facc[r]);
+    for (int r = 0; r < rc; ++r)
+      for (int j = 0; j < 16 && m0 + j < M; ++j) y[(m0 + j) * N + n0 + r] = out[r][j];
+  }
+  _tile_release();
+}
+
 void i8_gemm_rows(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const W8 *w8, float *y) {
   const int64_t Mp = round_up(M, 16), K4 = ceil_div(K, 4), nb = a.nb, B4 = a.B / 4;
   const size_t xbytes = sizeof(int32_t) * (size_t)(K4 * Mp), cbytes = sizeof(int32_t) * (size_t)(nb * Mp);
@@ -777,6 +821,24 @@ void i8_gemm_rows(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, 
   const __m256i lut = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i *>(lut_bytes)));
   const __m512i lut512 = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i *>(lut_bytes)));
   const int64_t ldw = round_up(K4 * 4, 64);
+  if (a.B % 64 == 0 && K % 64 == 0 && amx_int8_ready()) {
+    const int64_t groups = ceil_div(N, 16), per_task = imax(1, ceil_div(groups, 4 * num_threads()));
+    parallel_tasks(ceil_div(groups, per_task), [&](int64_t t) {
+      uint8_t *wu8 = static_cast<uint8_t *>(scratch(0, (size_t)(16 * ldw) + sizeof(float) * (size_t)(16 * nb)));
+      float *ws = reinterpret_cast<float *>(wu8 + 16 * ldw);
+      for (int64_t g = t * per_task; g < imin(groups, (t + 1) * per_task); ++g) {
+        const int64_t n0 = g * 16;
+        const int rc = (int)imin(16, N - n0);
+        for (int r = 0; r < 16; ++r) {
+          const int64_t nn = n0 + (r < rc ? r : 0);
+          decode_u8_row(w4, w8, lut, lut512, nn, K, wu8 + r * ldw);
+          for (int64_t b = 0; b < nb; ++b) ws[r * nb + b] = i8_wscale(w4, w8, nn, b);
+        }
+        i8_amx_group(xT, corr, sxT, Mp, M, K, a.B, nb, wu8, ldw, ws, n0, rc, N, y);
+      }
+    });
+    return;
+  }
   const int64_t per_task = imax(kI8NR, round_up(ceil_div(N, 8 * num_threads()), kI8NR));
   parallel_tasks(ceil_div(N, per_task), [&](int64_t t) {
     const int64_t n0 = t * per_task, n1 = imin(N, n0 + per_task);

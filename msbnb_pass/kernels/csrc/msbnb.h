@@ -88,6 +88,8 @@ extern const KernelTable kTablePortable;
 bool bf16_native_enabled();
 // AMX bf16 tiles usable (CPU, kernel permission) and enabled (msbnb_set_amx, native bf16 on).
 bool amx_bf16_enabled();
+// AMX int8 tiles usable and enabled (msbnb_set_amx).
+bool amx_int8_enabled();
 
 // ---- threads -----------------------------------------------------------------------------------------
 int num_threads();
