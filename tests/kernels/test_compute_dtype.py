@@ -156,7 +156,8 @@ AMX_SHAPES = [(40, 256, 8), (33, 70, 17), (200, 512, 33), (31, 1536, 64), (130, 
 
 
 @pytest.mark.skipif(
-    not (CPU and "bfloat16" in _lib.cpu_has_amx()), reason="this CPU has no AMX bf16 tiles (or Linux does not grant them)"
+    not (CPU and "bfloat16" in _lib.cpu_has_amx()),
+    reason="this CPU has no AMX bf16 tiles (or Linux does not grant them)",
 )
 @pytest.mark.parametrize("kind", BF16_KINDS)
 @pytest.mark.parametrize(("n", "k", "m"), AMX_SHAPES)
