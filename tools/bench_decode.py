@@ -221,6 +221,7 @@ def _llama_cpp_worker(prompt_len: int, new: int, repeats: int) -> list:
     def run() -> tuple[list[float], float, list[int]]:
         stamps: list[float] = []
         out: list[int] = []
+        llm.reset()  # otherwise generate reuses the cached prompt (no prefill after the first call)
         start = time.perf_counter()
         for tok in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
             stamps.append(time.perf_counter())

@@ -168,6 +168,66 @@ MSBNB_EXPORT int MsbnbRopeSplit(int nparam, void **params, int *ndims, int64_t *
 // inputs: q [B, NH, T, D], k_cache [B, NKV, S, D], v_cache [B, NKV, S, D], mask [B, T, S] (additive: 0 or
 // <= -1e29 for a hidden slot), scale float32 [1]; output [B, T, NH * D].
 // A slot whose mask is <= -1e29 gets probability exactly 0 (as exp(-1e30 - max) underflows to 0) and is skipped.
+namespace msbnb {
+namespace {
+// One query row's attention over the S slots of its key/value head with AVX-512, for D a multiple of 16 up to 128:
+// the same IEEE operations in the same order as the generic loop below (dot()'s 16 lanes and pairwise reduction,
+// the softmax and the weighted sum of v in slot order; no FMA contraction), so the same bits, with the unmasked
+// slots gathered first, four slots' dot products side by side and the sum of v in D / 16 vector accumulators.
+// Returns false (nothing written) for other D.
+__attribute__((target("avx512f"))) bool attend_row_avx512(const float *qv, const float *kb, const float *vb,
+                                                          const float *m, int64_t S, int64_t D, float scale,
+                                                          float *p, int64_t *live, float *o) {
+  if (D % 16 || D > 128 || D < 16) return false;
+  const int64_t nv = D / 16;
+  int64_t n = 0;
+  for (int64_t s = 0; s < S; ++s)
+    if (!(m[s] <= -1e29f)) live[n++] = s;
+  float mx = -INFINITY;
+  alignas(64) float lanes[4][kLanes];
+  int64_t j = 0;
+  for (; j < n; j += 4) {
+    const int g = (int)(n - j < 4 ? n - j : 4);
+    __m512 a[4];
+    for (int r = 0; r < 4; ++r) a[r] = _mm512_setzero_ps();
+    for (int64_t v = 0; v < nv; ++v) {
+      const __m512 xq = _mm512_loadu_ps(qv + 16 * v);
+      for (int r = 0; r < g; ++r) a[r] = _mm512_add_ps(a[r], _mm512_mul_ps(xq, _mm512_loadu_ps(kb + live[j + r] * D + 16 * v)));
+    }
+    for (int r = 0; r < g; ++r) {
+      _mm512_store_ps(lanes[r], a[r]);
+      for (int w = kLanes / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) lanes[r][l] += lanes[r][l + w];
+      const int64_t s = live[j + r];
+      p[s] = lanes[r][0] * scale + m[s];
+      if (p[s] > mx) mx = p[s];
+    }
+  }
+  if (mx == -INFINITY) {  // every slot hidden (never happens in generate), or no score above -inf: as below
+    for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
+    return true;
+  }
+  float total = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t s = live[i];
+    p[s] = std::exp(p[s] - mx);
+    total += p[s];
+  }
+  __m512 acc[8];
+  for (int64_t v = 0; v < nv; ++v) acc[v] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t s = live[i];
+    const __m512 ps = _mm512_set1_ps(p[s]);
+    const float *vr = vb + s * D;
+    for (int64_t v = 0; v < nv; ++v) acc[v] = _mm512_add_ps(acc[v], _mm512_mul_ps(ps, _mm512_loadu_ps(vr + 16 * v)));
+  }
+  const __m512 tv = _mm512_set1_ps(total);
+  for (int64_t v = 0; v < nv; ++v) _mm512_storeu_ps(o + 16 * v, _mm512_div_ps(acc[v], tv));
+  return true;
+}
+}  // namespace
+}  // namespace msbnb
+
 MSBNB_EXPORT int MsbnbCacheAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                      void *, void *) {
   if (nparam != 6) return dfail(1, "MsbnbCacheAttention takes 5 inputs and 1 output, got %d", nparam);
@@ -187,14 +247,17 @@ MSBNB_EXPORT int MsbnbCacheAttention(int nparam, void **params, int *ndims, int6
   const float scale = *static_cast<const float *>(params[4]);
   float *out = static_cast<float *>(params[5]);
   const int64_t rep = NH / NKV;
+  const bool avx512 = std::strcmp(msbnb_isa(), "avx512") == 0;  // the same bits either way; api.cc checks the CPU
   auto task = [&](int64_t job) {  // one (b, query head)
     const int64_t b = job / NH, h = job % NH, g = h / rep;
     const float *kb = kc + (b * NKV + g) * S * D, *vb = vc + (b * NKV + g) * S * D;
     float *p = static_cast<float *>(scratch(0, sizeof(float) * (size_t)(S > 0 ? S : 1)));
     float *acc = static_cast<float *>(scratch(1, sizeof(float) * (size_t)(D > 0 ? D : 1)));
+    int64_t *live = static_cast<int64_t *>(scratch(2, sizeof(int64_t) * (size_t)(S > 0 ? S : 1)));
     for (int64_t t = 0; t < T; ++t) {
       const float *qv = q + ((b * NH + h) * T + t) * D;
       const float *m = mask + (b * T + t) * S;
+      if (avx512 && attend_row_avx512(qv, kb, vb, m, S, D, scale, p, live, out + ((b * T + t) * NH + h) * D)) continue;
       float mx = -INFINITY;
       for (int64_t s = 0; s < S; ++s) {
         if (m[s] <= -1e29f) continue;
@@ -322,6 +385,34 @@ __attribute__((target("avx512f"))) float q8_dot_avx512(const float *x, const int
   return reduce16(lanes);
 }
 
+// q8_dot_avx512 for 4 consecutive rows of q (row stride K) side by side: each row's steps in the same order, so
+// the same bits, with four independent chains of adds instead of one (the single row waits on add latency);
+// the same lines of the next 4 rows are prefetched (each row is a short stream the prefetchers pick up late).
+__attribute__((target("avx512f"))) void q8_dot4_avx512(const float *x, const int8_t *q, const float *d, int64_t nb,
+                                                        int64_t K, bool prefetch, float *out) {
+  __m512 acc[4];
+  for (int r = 0; r < 4; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const float *xb = x + b * kQ8Block;
+    const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+    for (int r = 0; r < 4; ++r) {
+      const int8_t *qb = q + r * K + b * kQ8Block;
+      if (prefetch && (b & 1) == 0) _mm_prefetch(reinterpret_cast<const char *>(qb + 4 * K), _MM_HINT_T0);
+      const __m512 s = _mm512_set1_ps(d[r * nb + b]);
+      const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(qb))));
+      const __m512 w1 =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(qb + 16))));
+      acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_mul_ps(w0, s), x0));
+      acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_mul_ps(w1, s), x1));
+    }
+  }
+  alignas(64) float lanes[kLanes];
+  for (int r = 0; r < 4; ++r) {
+    _mm512_store_ps(lanes, acc[r]);
+    out[r] = reduce16(lanes);
+  }
+}
+
 __attribute__((target("avx2"))) float q8_dot_avx2(const float *x, const int8_t *q, const float *d, int64_t nb) {
   __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();  // lanes 0-7 and 8-15
   for (int64_t b = 0; b < nb; ++b) {
@@ -370,7 +461,16 @@ void q8_rows(const float *x, int64_t M, int64_t K, const int8_t *q, const float 
              int64_t N, float *y) {
   const Q8Dot dot8 = q8_dot();
   const int64_t nb = K / kQ8Block;
-  for (int64_t n = n0; n < n1; ++n)
+  int64_t n = n0;
+  if (dot8 == q8_dot_avx512) {
+    float out[4];
+    for (; n + 4 <= n1; n += 4)
+      for (int64_t m = 0; m < M; ++m) {
+        q8_dot4_avx512(x + m * K, q + n * K, d + n * nb, nb, K, m == 0 && n + 8 <= N, out);
+        for (int r = 0; r < 4; ++r) y[m * N + n + r] = out[r];
+      }
+  }
+  for (; n < n1; ++n)
     for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot8(x + m * K, q + n * K, d + n * nb, nb);
 }
 }  // namespace
