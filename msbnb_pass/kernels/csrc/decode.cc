@@ -47,6 +47,9 @@ int64_t count(int nd, const int64_t *shape) {
 bool f32(const char *dtype) { return std::strcmp(dtype, "float32") == 0; }
 
 constexpr int kLanes = 16;
+// Workers spin this long for the next job after a decode-step kernel's (see threadpool.cc: the lean step's ops
+// run back to back, so a longer spin than the default keeps the second thread awake between layers).
+constexpr int kDecodeSpinUs = 300;
 
 // sum_i a[i] * b[i] in float32: 16 lane sums, then a fixed pairwise reduction
 inline float dot(const float *a, const float *b, int64_t n) {
@@ -230,6 +233,7 @@ __attribute__((target("avx512f"))) bool attend_row_avx512(const float *qv, const
 
 MSBNB_EXPORT int MsbnbCacheAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                      void *, void *) {
+  const SpinHint hint(kDecodeSpinUs);
   if (nparam != 6) return dfail(1, "MsbnbCacheAttention takes 5 inputs and 1 output, got %d", nparam);
   for (int i = 0; i < 6; ++i)
     if (!f32(dtypes[i])) return dfail(2, "MsbnbCacheAttention: every tensor must be float32");
@@ -317,6 +321,7 @@ MSBNB_EXPORT int MsbnbSwiGlu(int nparam, void **params, int *ndims, int64_t **sh
 // each output value is one dot product (fixed order), so the result does not depend on the thread count.
 MSBNB_EXPORT int MsbnbLinearF32(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                                 void *) {
+  const SpinHint hint(kDecodeSpinUs);
   const int g = nparam - 2;
   if (g < 1 || g > 8) return dfail(1, "MsbnbLinearF32 takes x, 1 to 8 weights and 1 output, got %d tensors", nparam);
   for (int i = 0; i < nparam; ++i)
@@ -479,6 +484,7 @@ void q8_rows(const float *x, int64_t M, int64_t K, const int8_t *q, const float 
 
 MSBNB_EXPORT int MsbnbLinearQ8(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                                void *) {
+  const SpinHint hint(kDecodeSpinUs);
   if (nparam != 4) return dfail(1, "MsbnbLinearQ8 takes 3 inputs and 1 output, got %d", nparam);
   if (!f32(dtypes[0]) || std::strcmp(dtypes[1], "int8") != 0 || !f32(dtypes[2]) || !f32(dtypes[3]))
     return dfail(2, "MsbnbLinearQ8: x float32, q int8, d float32 expected");
@@ -556,6 +562,7 @@ int sub_failed(const char *what, int rc, bool from_api) {
 // (9 tensors each); outputs: x + attention + MLP [B, T, H] and its normalisation by the next norm.
 MSBNB_EXPORT int MsbnbDecodeLayer4bit(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                       void *, void *) {
+  const SpinHint hint(kDecodeSpinUs);
   constexpr int kFixed = 13, kProj = 9, kIn = kFixed + 7 * kProj;
   if (nparam != kIn + 2) return dfail(1, "MsbnbDecodeLayer4bit takes %d inputs and 2 outputs, got %d", kIn, nparam);
   const int X = 0, A = 1, COS = 2, SIN = 3, META = 4, KC = 5, VC = 6, SLOTS = 7, MASK = 8, SCALE = 9, POST = 10,

@@ -94,6 +94,18 @@ bool amx_int8_enabled();
 // ---- threads -----------------------------------------------------------------------------------------
 int num_threads();
 void set_num_threads(int n);
+// While alive, the jobs this thread publishes let the workers spin `us` microseconds for the next one
+// (instead of MSBNB_SPIN_US's default; an explicit MSBNB_SPIN_US wins). For kernels run back to back.
+class SpinHint {
+ public:
+  explicit SpinHint(int us);
+  ~SpinHint();
+  SpinHint(const SpinHint &) = delete;
+  SpinHint &operator=(const SpinHint &) = delete;
+
+ private:
+  int previous_;
+};
 // Run fn(task) for task in [0, ntasks) on up to num_threads() threads (the caller is one of them).
 void parallel_for(int64_t ntasks, void (*fn)(void *ctx, int64_t task), void *ctx);
 

@@ -10,6 +10,11 @@
 // decoder calls a kernel right after the previous op, so a parked worker joins each call late. Measured on
 // the 2-core VM (tools/bench_kernels.py --sections stack, 48 layers of 4096x4096 NF4 at M = 1, two runs
 // each): 0.68 / 0.74 ms per layer without the spin, 0.59 / 0.48 ms with it.
+// The decode-step kernels (decode.cc) ask for a longer spin (SpinHint, 300 us) for the jobs they publish: in
+// the lean step nearly every op is ours and MindSpore's dispatch between two layers can exceed 50 us, while
+// in graphs that interleave MindSpore's own multi-threaded ops a long spin takes a core from them. SmolLM2 nf4
+// decode on the Intel VM, tokens/s over three runs: spin 0: 66; 50 us: 73-77; 300 us: 77-82 (and the plain
+// MindSpore-ops step 26-27 at 50-300 us, 16 at 1000 us). MSBNB_SPIN_US, when set, applies to every job.
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -24,10 +29,13 @@
 namespace msbnb {
 namespace {
 
+thread_local int t_spin_hint = 0;  // SpinHint: the spin after jobs this thread publishes (0: the default)
+
 struct Job {
   void (*fn)(void *, int64_t) = nullptr;
   void *ctx = nullptr;
   int64_t ntasks = 0;
+  int spin_us = 0;  // how long workers spin for the next job after this one
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
@@ -63,6 +71,7 @@ class Pool {
       job_.fn = fn;
       job_.ctx = ctx;
       job_.ntasks = ntasks;
+      job_.spin_us = t_spin_hint > 0 && !spin_from_env_set_ ? t_spin_hint : spin_us_;
       job_.next.store(0, std::memory_order_relaxed);
       job_.done.store(0, std::memory_order_relaxed);
       generation_.fetch_add(1, std::memory_order_release);
@@ -86,13 +95,15 @@ class Pool {
 
   void worker() {
     uint64_t seen = 0;
+    int spin = spin_us_;
     for (;;) {
-      spin_for_job(seen);
+      spin_for_job(seen, spin);
       {
         std::unique_lock<std::mutex> g(mutex_);
         cv_.wait(g, [&] { return quit_ || generation_.load(std::memory_order_relaxed) != seen; });
         if (quit_) return;
         seen = generation_.load(std::memory_order_relaxed);
+        spin = job_.spin_us;
         active_.fetch_add(1, std::memory_order_acq_rel);
       }
       work();
@@ -100,10 +111,10 @@ class Pool {
     }
   }
 
-  // Busy-wait up to spin_us_ for a new job (or quit) before the caller parks on the condition variable.
-  void spin_for_job(uint64_t seen) const {
-    if (spin_us_ <= 0) return;
-    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
+  // Busy-wait up to spin_us for a new job (or quit) before the caller parks on the condition variable.
+  void spin_for_job(uint64_t seen, int spin_us) const {
+    if (spin_us <= 0) return;
+    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
     int polls = 0;
     while (generation_.load(std::memory_order_acquire) == seen && !quit_flag_.load(std::memory_order_relaxed)) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -140,6 +151,7 @@ class Pool {
   bool quit_ = false;
   std::atomic<bool> quit_flag_{false};  // quit_ for the lock-free spin
   const int spin_us_ = spin_from_env();
+  const bool spin_from_env_set_ = std::getenv("MSBNB_SPIN_US") && *std::getenv("MSBNB_SPIN_US");
   int size_ = 1;
   Job job_;
   static thread_local bool in_task_;
@@ -163,6 +175,9 @@ void set_num_threads(int n) {
 }
 
 void parallel_for(int64_t ntasks, void (*fn)(void *, int64_t), void *ctx) { pool().run(ntasks, fn, ctx); }
+
+SpinHint::SpinHint(int us) : previous_(t_spin_hint) { t_spin_hint = us; }
+SpinHint::~SpinHint() { t_spin_hint = previous_; }
 
 void *scratch(int slot, size_t bytes) {
   struct Buf {
