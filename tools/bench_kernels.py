@@ -17,6 +17,9 @@ per call) with fp32 ``nn.Dense`` in the same run:
   decoder runs them, at M in {1, 32, 128} (``--stack-layers``, ``--stack-m``);
 * ``small`` -- the linears of one SmolLM2-135M forward at T = 1 (30 x q, k, v, o, gate, up, down and the
   49152 x 576 head: 211 layers, 134M weights), one compiled call, where per-call overheads decide speed.
+* ``dx`` (not in the default run) -- training shapes: the forward and the input gradient (``ms.grad`` of
+  sum(y^2) with respect to x, as QLoRA's frozen base layers run them: no weight gradient) of ``--dx-layers``
+  distinct 4096x4096 layers on the same input at M in ``--dx-m`` (default 512, 2048), one compiled call.
 
 For every (K, N) and M, each variant runs as a chain of L distinct layers under ``ms.jit`` (one compiled
 call sums the outputs of all layers on the same input), with L chosen so that the variant's weights
@@ -47,7 +50,7 @@ os.environ.setdefault("GLOG_v", "3")
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 MS = [1, 8, 32, 128, 512]
-SECTIONS = ["wide", "stack", "small"]
+SECTIONS = ["wide", "stack", "small"]  # and "dx", on request
 # at least this many layers per chain, so the ~1 ms cost of one jit call is spread thin
 MIN_LAYERS = 8
 VARIANTS = ["fp32", "nf4_dq", "fp4_dq", "int4", "int8", "llm_int8_t0", "llm_int8_t6"]
@@ -369,6 +372,55 @@ def run_stack(variants, K: int, count: int, ms_list, reps: int, rng) -> list[dic
     return rows
 
 
+def _SquaredSum(net):
+    """sum(net(x)^2): a loss whose gradient needs the forward output (with a plain sum, MindSpore prunes the
+    fp32 forward, since dx of a linear layer does not depend on it, while a custom op's backward keeps it)."""
+    from mindspore import nn
+
+    class Loss(nn.Cell):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def construct(self, inp):
+            y = self.inner(inp)
+            return (y * y).sum()
+
+    return Loss(net)
+
+
+def run_dx(variants, K: int, count: int, ms_list, reps: int, rng) -> list[dict]:
+    """Forward + input gradient of ``count`` distinct KxK layers on one input (their outputs summed), per layer."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    rows = []
+    for M in ms_list:
+        x = Tensor(rng.standard_normal((M, K), dtype=np.float32))
+        fp32_time = None
+        for variant in variants:
+            layers = make_layers(variant, K, K, count, rng, 1 / np.sqrt(K))
+            grad = ms.grad(_SquaredSum(chain_net(layers)), grad_position=0)
+            t = median_call_seconds(grad, x, reps) / count
+            fp32_time = t if variant == "fp32" else fp32_time
+            row = {
+                "section": "dx",
+                "K": K,
+                "N": K,
+                "M": M,
+                "variant": variant,
+                "ms_per_layer": t * 1e3,
+                "weight_bytes": weight_bytes(layers[0]),
+                "gb_per_s": weight_bytes(layers[0]) / t / 1e9,
+                "layers": count,
+                "speedup_vs_fp32": (fp32_time / t) if fp32_time else None,
+            }
+            rows.append(row)
+            print_row(row)
+            del layers, grad
+    return rows
+
+
 def run_small(variants, reps: int, rng) -> list[dict]:
     from mindspore import Tensor
 
@@ -452,9 +504,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="kernel threads (default: the library's)")
     parser.add_argument("--bnb-python", help="an interpreter with torch + bitsandbytes to add their CPU layers")
     parser.add_argument("--quick", action="store_true", help="4096x4096, M in {1, 32}")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help="which of wide, stack, small to run")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="which of wide, stack, small, dx to run")
     parser.add_argument("--stack-layers", type=int, default=48, help="layers in the stack section")
     parser.add_argument("--stack-m", default="1,32,128", help="batch sizes of the stack section")
+    parser.add_argument("--dx-layers", type=int, default=4, help="layers in the dx section")
+    parser.add_argument("--dx-m", default="512,2048", help="batch sizes of the dx section")
     parser.add_argument(
         "--interleave", action="store_true", help="time all variants in rounds; ratio = median per-round ratio"
     )
@@ -509,6 +563,8 @@ def main(argv=None) -> int:
         rows += run_stack(variants, 4096, args.stack_layers, stack_m, args.reps, rng)
     if "small" in sections:
         rows += run_small(variants, args.reps, rng)
+    if "dx" in sections:
+        rows += run_dx(variants, 4096, args.dx_layers, [int(v) for v in args.dx_m.split(",")], args.reps, rng)
     if args.profile:
         rows += profile_small(variants, args.reps, rng, args.profile)
     for K, N in shapes if "wide" in sections else []:
