@@ -331,6 +331,22 @@ def profile_small(variants, reps: int, rng, out_dir: str) -> list[dict]:
     return rows
 
 
+def result_row(section: str, K: int, N: int, M: int, variant: str, t: float, wbytes: int, layers: int, fp32_time):
+    """One result: ``t`` seconds per layer, its weight bandwidth and its speed relative to fp32 (when timed)."""
+    return {
+        "section": section,
+        "K": K,
+        "N": N,
+        "M": M,
+        "variant": variant,
+        "ms_per_layer": t * 1e3,
+        "weight_bytes": wbytes,
+        "gb_per_s": wbytes / t / 1e9,
+        "layers": layers,
+        "speedup_vs_fp32": (fp32_time / t) if fp32_time else None,
+    }
+
+
 def print_row(row: dict) -> None:
     ratio = f"{row['speedup_vs_fp32']:.2f}" if row.get("speedup_vs_fp32") else "-"
     print(
@@ -355,18 +371,7 @@ def run_stack(variants, K: int, count: int, ms_list, reps: int, rng) -> list[dic
             layers, wbytes = sets[variant]
             t = time_stack(layers, x, reps)
             fp32_time = t if variant == "fp32" else fp32_time
-            row = {
-                "section": "stack",
-                "K": K,
-                "N": K,
-                "M": M,
-                "variant": variant,
-                "ms_per_layer": t * 1e3,
-                "weight_bytes": wbytes,
-                "gb_per_s": wbytes / t / 1e9,
-                "layers": count,
-                "speedup_vs_fp32": (fp32_time / t) if fp32_time else None,
-            }
+            row = result_row("stack", K, K, M, variant, t, wbytes, count, fp32_time)
             rows.append(row)
             print_row(row)
     return rows
@@ -403,18 +408,7 @@ def run_dx(variants, K: int, count: int, ms_list, reps: int, rng) -> list[dict]:
             grad = ms.grad(_SquaredSum(chain_net(layers)), grad_position=0)
             t = median_call_seconds(grad, x, reps) / count
             fp32_time = t if variant == "fp32" else fp32_time
-            row = {
-                "section": "dx",
-                "K": K,
-                "N": K,
-                "M": M,
-                "variant": variant,
-                "ms_per_layer": t * 1e3,
-                "weight_bytes": weight_bytes(layers[0]),
-                "gb_per_s": weight_bytes(layers[0]) / t / 1e9,
-                "layers": count,
-                "speedup_vs_fp32": (fp32_time / t) if fp32_time else None,
-            }
+            row = result_row("dx", K, K, M, variant, t, weight_bytes(layers[0]), count, fp32_time)
             rows.append(row)
             print_row(row)
             del layers, grad
@@ -587,18 +581,7 @@ def main(argv=None) -> int:
                     t = time_chain(layers, input_for(M, K, variant, rng), args.reps)
                 if variant == "fp32" and not args.interleave:
                     fp32_time = t
-                row = {
-                    "section": "wide",
-                    "K": K,
-                    "N": N,
-                    "M": M,
-                    "variant": variant,
-                    "ms_per_layer": t * 1e3,
-                    "weight_bytes": wbytes,
-                    "gb_per_s": wbytes / t / 1e9,
-                    "layers": len(layers),
-                    "speedup_vs_fp32": (fp32_time / t) if fp32_time else None,
-                }
+                row = result_row("wide", K, N, M, variant, t, wbytes, len(layers), fp32_time)
                 rows.append(row)
                 print_row(row)
         del layer_sets

@@ -583,6 +583,17 @@ void decode_u8_row(const W4 *w4, const W8 *w8, __m256i lut, __m512i lut512, int6
   }
 }
 
+// Weight rows [n0, n0 + 16) as unsigned levels, wu8 [16][ldw] (rows at or past n0 + rc repeat row n0), and
+// their per-block int8-compute scales transposed, wsT [nb][16].
+void decode_u8_group(const W4 *w4, const W8 *w8, __m256i lut, __m512i lut512, int64_t n0, int rc, int64_t K,
+                     int64_t ldw, int64_t nb, uint8_t *wu8, float *wsT) {
+  for (int r = 0; r < 16; ++r) {
+    const int64_t nn = n0 + (r < rc ? r : 0);
+    decode_u8_row(w4, w8, lut, lut512, nn, K, wu8 + r * ldw);
+    for (int64_t b = 0; b < nb; ++b) wsT[b * 16 + r] = i8_wscale(w4, w8, nn, b);
+  }
+}
+
 // Sums of the 16 lanes of each of 16 vectors, as one vector (lane j = sum of v[j]); exact in int32.
 inline __m512i hsum16(const __m512i *v) {
   __m512i t[8], u[4];
@@ -631,11 +642,7 @@ void i8_small(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, cons
     for (int64_t g = t * per_task; g < imin(groups, (t + 1) * per_task); ++g) {
       const int64_t n0 = g * 16;
       const int rc = (int)imin(16, N - n0);
-      for (int r = 0; r < 16; ++r) {
-        const int64_t nn = n0 + (r < rc ? r : 0);
-        decode_u8_row(w4, w8, lut, lut512, nn, K, wu8 + r * ldw);
-        for (int64_t b = 0; b < nb; ++b) wsT[b * 16 + r] = i8_wscale(w4, w8, nn, b);
-      }
+      decode_u8_group(w4, w8, lut, lut512, n0, rc, K, ldw, nb, wu8, wsT);
       for (int64_t m = 0; m < M; ++m) {
         const int8_t *xq = a.q + m * a.Kp;
         __m512 facc = _mm512_setzero_ps();
@@ -755,7 +762,7 @@ bool amx_int8_ready() { return amx_int8_enabled(); }
 
 MSBNB_AMX_INT8_TARGET void i8_amx_group(const int32_t *xT, const int32_t *corr, const float *sxT, int64_t Mp, int64_t M,
                                         int64_t K, int64_t B, int64_t nb, const uint8_t *wu8, int64_t ldw,
-                                        const float *ws, int64_t n0, int rc, int64_t N, float *y) {
+                                        const float *wsT, int64_t n0, int rc, int64_t N, float *y) {
   TileConfig cfg;
   for (int t = 0; t < 3; ++t) {
     cfg.colsb[t] = 64;
@@ -780,7 +787,7 @@ MSBNB_AMX_INT8_TARGET void i8_amx_group(const int32_t *xT, const int32_t *corr, 
       const __m512 sv = _mm512_loadu_ps(sxT + b * Mp + m0);
       for (int r = 0; r < 16; ++r) {
         const __m512i dot = _mm512_add_epi32(_mm512_load_si512(c[r]), cv);
-        const __m512 sc = _mm512_mul_ps(sv, _mm512_set1_ps(ws[r * nb + b]));
+        const __m512 sc = _mm512_mul_ps(sv, _mm512_set1_ps(wsT[b * 16 + r]));
         facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, facc[r]);
       }
     }
@@ -825,16 +832,12 @@ void i8_gemm_rows(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, 
     const int64_t groups = ceil_div(N, 16), per_task = imax(1, ceil_div(groups, 4 * num_threads()));
     parallel_tasks(ceil_div(groups, per_task), [&](int64_t t) {
       uint8_t *wu8 = static_cast<uint8_t *>(scratch(0, (size_t)(16 * ldw) + sizeof(float) * (size_t)(16 * nb)));
-      float *ws = reinterpret_cast<float *>(wu8 + 16 * ldw);
+      float *wsT = reinterpret_cast<float *>(wu8 + 16 * ldw);  // [nb][16]
       for (int64_t g = t * per_task; g < imin(groups, (t + 1) * per_task); ++g) {
         const int64_t n0 = g * 16;
         const int rc = (int)imin(16, N - n0);
-        for (int r = 0; r < 16; ++r) {
-          const int64_t nn = n0 + (r < rc ? r : 0);
-          decode_u8_row(w4, w8, lut, lut512, nn, K, wu8 + r * ldw);
-          for (int64_t b = 0; b < nb; ++b) ws[r * nb + b] = i8_wscale(w4, w8, nn, b);
-        }
-        i8_amx_group(xT, corr, sxT, Mp, M, K, a.B, nb, wu8, ldw, ws, n0, rc, N, y);
+        decode_u8_group(w4, w8, lut, lut512, n0, rc, K, ldw, nb, wu8, wsT);
+        i8_amx_group(xT, corr, sxT, Mp, M, K, a.B, nb, wu8, ldw, wsT, n0, rc, N, y);
       }
     });
     return;
