@@ -13,6 +13,8 @@ import json
 import statistics
 import time
 
+from bench_kernels import result_row  # this script's directory is on sys.path; that module imports no MindSpore
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -79,19 +81,9 @@ def main() -> None:
                             layer(x)
                         times.append((time.perf_counter() - start) / len(layers))
                 t = statistics.median(times)
-                rows.append(
-                    {
-                        "K": K,
-                        "N": N,
-                        "M": M,
-                        "variant": variant,
-                        "ms_per_layer": t * 1e3,
-                        "weight_bytes": wbytes,
-                        "gb_per_s": wbytes / t / 1e9,
-                        "layers": len(layers),
-                        "versions": {"torch": torch.__version__, "bitsandbytes": bnb.__version__},
-                    }
-                )
+                row = result_row("wide", K, N, M, variant, t, wbytes, len(layers), None)
+                row["versions"] = {"torch": torch.__version__, "bitsandbytes": bnb.__version__}
+                rows.append(row)
             del layers, first
     print(json.dumps(rows))
 
