@@ -71,7 +71,7 @@ class Pool {
       job_.fn = fn;
       job_.ctx = ctx;
       job_.ntasks = ntasks;
-      job_.spin_us = t_spin_hint > 0 && !spin_from_env_set_ ? t_spin_hint : spin_us_;
+      job_.spin_us = t_spin_hint > 0 && env_spin_us_ < 0 ? t_spin_hint : spin_us_;
       job_.next.store(0, std::memory_order_relaxed);
       job_.done.store(0, std::memory_order_relaxed);
       generation_.fetch_add(1, std::memory_order_release);
@@ -124,9 +124,10 @@ class Pool {
     }
   }
 
+  // MSBNB_SPIN_US in microseconds, clamped to [0, 100000]; -1 when it is not set.
   static int spin_from_env() {
     const char *v = std::getenv("MSBNB_SPIN_US");
-    if (!v || !*v) return 50;
+    if (!v || !*v) return -1;
     const long n = std::strtol(v, nullptr, 10);
     return n < 0 ? 0 : (n > 100000 ? 100000 : (int)n);
   }
@@ -150,8 +151,8 @@ class Pool {
   std::atomic<int> active_{0};
   bool quit_ = false;
   std::atomic<bool> quit_flag_{false};  // quit_ for the lock-free spin
-  const int spin_us_ = spin_from_env();
-  const bool spin_from_env_set_ = std::getenv("MSBNB_SPIN_US") && *std::getenv("MSBNB_SPIN_US");
+  const int env_spin_us_ = spin_from_env();
+  const int spin_us_ = env_spin_us_ < 0 ? 50 : env_spin_us_;
   int size_ = 1;
   Job job_;
   static thread_local bool in_task_;
