@@ -51,16 +51,21 @@ constexpr int kLanes = 16;
 // run back to back, so a longer spin than the default keeps the second thread awake between layers).
 constexpr int kDecodeSpinUs = 300;
 
-// sum_i a[i] * b[i] in float32: 16 lane sums, then a fixed pairwise reduction
+// The fixed pairwise reduction of 16 lane sums (lane j += lane j + w for w = 8, 4, 2, 1).
+inline float reduce16(float *lanes) {
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
+  return lanes[0];
+}
+
+// sum_i a[i] * b[i] in float32: 16 lane sums, then reduce16
 inline float dot(const float *a, const float *b, int64_t n) {
   float acc[kLanes] = {0};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
   for (int j = 0; i < n; ++i, ++j) acc[j] += a[i] * b[i];
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
-  return acc[0];
+  return reduce16(acc);
 }
 
 // y = x / sqrt(mean(x^2) + eps) * w for one row; the mean is summed in float64 (exact enough to round once)
@@ -199,10 +204,8 @@ __attribute__((target("avx512f"))) bool attend_row_avx512(const float *qv, const
     }
     for (int r = 0; r < g; ++r) {
       _mm512_store_ps(lanes[r], a[r]);
-      for (int w = kLanes / 2; w > 0; w /= 2)
-        for (int l = 0; l < w; ++l) lanes[r][l] += lanes[r][l + w];
       const int64_t s = live[j + r];
-      p[s] = lanes[r][0] * scale + m[s];
+      p[s] = reduce16(lanes[r]) * scale + m[s];
       if (p[s] > mx) mx = p[s];
     }
   }
@@ -369,11 +372,6 @@ constexpr int64_t kQ8Block = 32;
 // Lane j (0..15) of the accumulator sums ((float)q * d) * x over the elements j and 16 + j of every block, in
 // block order; then the fixed pairwise reduction of dot(). The AVX-512 (one zmm), AVX2 (two ymm) and portable
 // versions do the same IEEE operations in the same order: the same bits on every machine.
-inline float reduce16(float *lanes) {
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
-  return lanes[0];
-}
 
 __attribute__((target("avx512f"))) float q8_dot_avx512(const float *x, const int8_t *q, const float *d, int64_t nb) {
   __m512 acc = _mm512_setzero_ps();
