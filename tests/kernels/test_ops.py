@@ -130,7 +130,9 @@ def test_every_instruction_set(ms_cpu, isa, kind, n, k, lead):
 @pytest.mark.parametrize("isa", ALL_ISAS, indirect=True)
 @pytest.mark.parametrize("kind", ["4bit-nf4-64-dq-sym", "4bit-int4-32-plain-asym", "4bit-fp4-64-plain-sym", "int8"])
 def test_gradient_kernels_on_every_instruction_set(ms_cpu, isa, kind):
-    for n, k, m in ((40, 130, 6), (24, 2304, 3)):
+    # (150, 650, 530): three panels of weight rows (64, 64, 22), three blocks of dx rows (256, 256, 18) with
+    # partial register tiles, and a K slice ending in a vector and a scalar tail
+    for n, k, m in ((40, 130, 6), (24, 2304, 3), (150, 650, 530)):
         layer = make(kind, n, k, "cpu", seed=k)
         dy = np.random.default_rng(n).standard_normal((m, n)).astype(np.float32)
         x = Tensor(np.zeros((m, k), np.float32))
