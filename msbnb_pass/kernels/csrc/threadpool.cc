@@ -50,9 +50,15 @@ class Pool {
     quit_ = false;
     quit_flag_.store(false, std::memory_order_relaxed);
     for (int i = 1; i < n; ++i) workers_.emplace_back([this] { worker(); });
+    nworkers_.store((int)workers_.size(), std::memory_order_relaxed);
     size_ = n < 1 ? 1 : n;
   }
   int size() const { return size_; }
+  // Whether every worker is spinning for the next job (a hand-off then costs about a microsecond).
+  bool all_spinning() const {
+    const int n = nworkers_.load(std::memory_order_relaxed);
+    return n > 0 && spinning_.load(std::memory_order_relaxed) == n;
+  }
 
   void run(int64_t ntasks, void (*fn)(void *, int64_t), void *ctx) {
     std::unique_lock<std::mutex> run_lock(run_mutex_, std::try_to_lock);
@@ -112,8 +118,13 @@ class Pool {
   }
 
   // Busy-wait up to spin_us for a new job (or quit) before the caller parks on the condition variable.
-  void spin_for_job(uint64_t seen, int spin_us) const {
+  void spin_for_job(uint64_t seen, int spin_us) {
     if (spin_us <= 0) return;
+    struct Count {
+      std::atomic<int> &n;
+      explicit Count(std::atomic<int> &c) : n(c) { n.fetch_add(1, std::memory_order_relaxed); }
+      ~Count() { n.fetch_sub(1, std::memory_order_relaxed); }
+    } counted(spinning_);
     const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
     int polls = 0;
     while (generation_.load(std::memory_order_acquire) == seen && !quit_flag_.load(std::memory_order_relaxed)) {
@@ -139,6 +150,7 @@ class Pool {
       quit_ = true;
     }
     cv_.notify_all();
+    nworkers_.store(0, std::memory_order_relaxed);
     for (auto &t : workers_) t.join();
     workers_.clear();
     size_ = 1;
@@ -149,6 +161,8 @@ class Pool {
   std::condition_variable cv_;
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> active_{0};
+  std::atomic<int> spinning_{0};  // workers in spin_for_job
+  std::atomic<int> nworkers_{0};  // workers_.size(), readable while the pool is resized
   bool quit_ = false;
   std::atomic<bool> quit_flag_{false};  // quit_ for the lock-free spin
   const int env_spin_us_ = spin_from_env();
@@ -178,6 +192,8 @@ void set_num_threads(int n) {
 void parallel_for(int64_t ntasks, void (*fn)(void *, int64_t), void *ctx) { pool().run(ntasks, fn, ctx); }
 
 int spin_hint_us() { return t_spin_hint; }
+
+bool workers_spinning() { return pool().all_spinning(); }
 
 SpinHint::SpinHint(int us) : previous_(t_spin_hint) { t_spin_hint = us; }
 SpinHint::~SpinHint() { t_spin_hint = previous_; }
