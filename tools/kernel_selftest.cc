@@ -337,7 +337,8 @@ int main() {
     for (int threads : {1, 2}) {
       msbnb_set_num_threads(threads);
       const int64_t shapes[][3] = {{16, 128, 1}, {33, 70, 3},  {8, 256, 5},   {5, 129, 17},
-                                   {24, 64, 0}, {3, 33, 2},   {20, 128, 300}, {20, 1088, 1}, {7, 1030, 1}};
+                                   {24, 64, 0}, {3, 33, 2},   {20, 128, 300}, {20, 1088, 1}, {7, 1030, 1},
+                                   {70, 650, 270}};  // the last: several dx panels and row blocks
       for (auto &s : shapes)
         for (int64_t bs : {32, 64, 256})
           for (int v = 0; v < 4; ++v) test_4bit(s[0], s[1], s[2], bs, v & 1, v & 2);
