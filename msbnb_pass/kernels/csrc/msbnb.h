@@ -108,8 +108,9 @@ class SpinHint {
 };
 // The spin this thread's SpinHint asks for (0: none).
 int spin_hint_us();
-// Whether every kernel worker is spinning for the next job right now (a hint: it may change at once).
-bool workers_spinning();
+// Whether no kernel worker is parked right now (each is working or spinning for the next job; a hint: it may
+// change at once).
+bool workers_awake();
 // Run fn(task) for task in [0, ntasks) on up to num_threads() threads (the caller is one of them).
 void parallel_for(int64_t ntasks, void (*fn)(void *ctx, int64_t task), void *ctx);
 

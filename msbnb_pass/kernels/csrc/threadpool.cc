@@ -54,10 +54,10 @@ class Pool {
     size_ = n < 1 ? 1 : n;
   }
   int size() const { return size_; }
-  // Whether every worker is spinning for the next job (a hand-off then costs about a microsecond).
-  bool all_spinning() const {
-    const int n = nworkers_.load(std::memory_order_relaxed);
-    return n > 0 && spinning_.load(std::memory_order_relaxed) == n;
+  // Whether there are workers and none is parked: each is working or spinning for the next job, so a hand-off
+  // costs about a microsecond instead of a wake-up.
+  bool all_awake() const {
+    return nworkers_.load(std::memory_order_relaxed) > 0 && parked_.load(std::memory_order_relaxed) == 0;
   }
 
   void run(int64_t ntasks, void (*fn)(void *, int64_t), void *ctx) {
@@ -106,7 +106,9 @@ class Pool {
       spin_for_job(seen, spin);
       {
         std::unique_lock<std::mutex> g(mutex_);
+        parked_.fetch_add(1, std::memory_order_relaxed);
         cv_.wait(g, [&] { return quit_ || generation_.load(std::memory_order_relaxed) != seen; });
+        parked_.fetch_sub(1, std::memory_order_relaxed);
         if (quit_) return;
         seen = generation_.load(std::memory_order_relaxed);
         spin = job_.spin_us;
@@ -118,13 +120,8 @@ class Pool {
   }
 
   // Busy-wait up to spin_us for a new job (or quit) before the caller parks on the condition variable.
-  void spin_for_job(uint64_t seen, int spin_us) {
+  void spin_for_job(uint64_t seen, int spin_us) const {
     if (spin_us <= 0) return;
-    struct Count {
-      std::atomic<int> &n;
-      explicit Count(std::atomic<int> &c) : n(c) { n.fetch_add(1, std::memory_order_relaxed); }
-      ~Count() { n.fetch_sub(1, std::memory_order_relaxed); }
-    } counted(spinning_);
     const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
     int polls = 0;
     while (generation_.load(std::memory_order_acquire) == seen && !quit_flag_.load(std::memory_order_relaxed)) {
@@ -161,7 +158,7 @@ class Pool {
   std::condition_variable cv_;
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> active_{0};
-  std::atomic<int> spinning_{0};  // workers in spin_for_job
+  std::atomic<int> parked_{0};    // workers waiting on cv_
   std::atomic<int> nworkers_{0};  // workers_.size(), readable while the pool is resized
   bool quit_ = false;
   std::atomic<bool> quit_flag_{false};  // quit_ for the lock-free spin
@@ -193,7 +190,7 @@ void parallel_for(int64_t ntasks, void (*fn)(void *, int64_t), void *ctx) { pool
 
 int spin_hint_us() { return t_spin_hint; }
 
-bool workers_spinning() { return pool().all_spinning(); }
+bool workers_awake() { return pool().all_awake(); }
 
 SpinHint::SpinHint(int us) : previous_(t_spin_hint) { t_spin_hint = us; }
 SpinHint::~SpinHint() { t_spin_hint = previous_; }
