@@ -106,8 +106,6 @@ class SpinHint {
  private:
   int previous_;
 };
-// The spin this thread's SpinHint asks for (0: none).
-int spin_hint_us();
 // Whether no kernel worker is parked right now (each is working or spinning for the next job; a hint: it may
 // change at once).
 bool workers_awake();

@@ -188,8 +188,6 @@ void set_num_threads(int n) {
 
 void parallel_for(int64_t ntasks, void (*fn)(void *, int64_t), void *ctx) { pool().run(ntasks, fn, ctx); }
 
-int spin_hint_us() { return t_spin_hint; }
-
 bool workers_awake() { return pool().all_awake(); }
 
 SpinHint::SpinHint(int us) : previous_(t_spin_hint) { t_spin_hint = us; }
