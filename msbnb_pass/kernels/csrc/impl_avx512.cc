@@ -1030,6 +1030,7 @@ MSBNB_BF16_TARGET void decode4_bf16_blocks(const W4 &w, int64_t n, int64_t k0, i
 
 bool decode4_bf16(const W4 &w, int64_t n, int64_t k0, int64_t k1, uint16_t *out) {
   if (w.block_offset || w.bs % 32 || k0 % w.bs || (k1 - k0) % w.bs) return false;
+  prefetch_ahead(w, n, k0, k1);
   if (bf16_native_enabled())
     decode4_bf16_blocks<Bf16Native>(w, n, k0, k1, out);
   else
@@ -1056,6 +1057,7 @@ MSBNB_BF16_TARGET void decode8_bf16_row(const W8 &w, int64_t n, int64_t k0, int6
 }
 
 bool decode8_bf16(const W8 &w, int64_t n, int64_t k0, int64_t k1, uint16_t *out) {
+  prefetch_ahead(w, n, k0, k1);
   if (bf16_native_enabled())
     decode8_bf16_row<Bf16Native>(w, n, k0, k1, out);
   else
