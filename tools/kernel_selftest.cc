@@ -185,6 +185,16 @@ void test_4bit(int64_t N, int64_t K, int64_t M, int64_t bs, bool nested, bool as
       worst = std::fmax(worst, std::fabs(dx.as<float>()[m * K + k] - ref) / (mag * (N + 3) * 6e-8 + 1e-30));
     }
   expect(worst <= 1.0, "linear4bit_dx vs reference", worst);
+  // the bfloat16 mode's dx (loose check, as for its forward)
+  Arg dxb({M, K}, "float32");
+  meta2.as<int64_t>()[3] |= 8;
+  rc = call(MsbnbLinear4bitDx, {&dy, &packed, &absmax, &cd, &nabs, &ncode, &noff, &boff, &meta2, &x, &dxb});
+  expect(rc == 0, "linear4bit_dx bf16 rc", rc);
+  double wb = 0;
+  for (int64_t i = 0; i < M * K; ++i) wb = std::fmax(wb, std::fabs(dxb.as<float>()[i] - dx.as<float>()[i]));
+  double scale_dx = 0;
+  for (int64_t i = 0; i < M * K; ++i) scale_dx = std::fmax(scale_dx, std::fabs(dx.as<float>()[i]));
+  expect(wb <= 0.05 * scale_dx + 1e-30, "linear4bit_dx bf16 vs float dx", wb);
 }
 
 void test_8bit(int64_t N, int64_t K, int64_t M, bool asym, float threshold) {
@@ -250,6 +260,16 @@ void test_8bit(int64_t N, int64_t K, int64_t M, bool asym, float threshold) {
   for (size_t i = 0; i < dy.count(); ++i) dy.as<float>()[i] = randn();
   rc = call(MsbnbLinear8bitDx, {&dy, &q, &s, &o, &meta, &x, &dx});
   expect(rc == 0, "linear8bit_dx rc", rc);
+  Arg dxb({M, K}, "float32"), mb({2}, "int64");
+  mb.as<int64_t>()[0] = meta.as<int64_t>()[0] | 4;
+  rc = call(MsbnbLinear8bitDx, {&dy, &q, &s, &o, &mb, &x, &dxb});
+  expect(rc == 0, "linear8bit_dx bf16 rc", rc);
+  double wb = 0, scale_dx = 0;
+  for (int64_t i = 0; i < M * K; ++i) {
+    wb = std::fmax(wb, std::fabs(dxb.as<float>()[i] - dx.as<float>()[i]));
+    scale_dx = std::fmax(scale_dx, std::fabs(dx.as<float>()[i]));
+  }
+  expect(wb <= 0.05 * scale_dx + 1e-30, "linear8bit_dx bf16 vs float dx", wb);
   // LLM.int8(): run it for out-of-bounds checking and a loose accuracy check
   Arg scb({N}, "float32"), metaf({2}, "float32"), y2({M, N}, "float32");
   for (int64_t j = 0; j < N; ++j) scb.as<float>()[j] = 1.27f;

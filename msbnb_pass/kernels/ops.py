@@ -311,7 +311,7 @@ class FusedLinear4bit(_Linear4bitBase):
 
 
 class ReferenceLinear4bit(_Linear4bitBase):
-    """Dequantize with MindSpore ops, then MatMul."""
+    """Dequantize with MindSpore ops, then MatMul. Its bprop is the kernels' (``_reference_dx``)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -319,7 +319,8 @@ class ReferenceLinear4bit(_Linear4bitBase):
         self.numel = n
         self.n_blocks = -(-n // self.blocksize)
 
-    def construct(self, x, packed, absmax, code, nested_absmax, nested_code, nested_offset, block_offset, bias):
+    def _dequantize(self, packed, absmax, code, nested_absmax, nested_code, nested_offset, block_offset):
+        """(W [out, in] float32, the code indices, the block scales)."""
         p = ops.cast(packed.reshape((-1,)), ms.int32)
         idx = ops.stack((ops.bitwise_right_shift(p, 4), ops.bitwise_and(p, 15)), axis=1).reshape((-1,))
         values = ops.gather(code, idx[: self.numel], 0)
@@ -335,6 +336,10 @@ class ReferenceLinear4bit(_Linear4bitBase):
         if self.asymmetric:
             w = w + block_offset.reshape((-1, 1))
         w = w.reshape((-1,))[: self.numel].reshape((self.out_features, self.in_features))
+        return w, idx, scale
+
+    def construct(self, x, packed, absmax, code, nested_absmax, nested_code, nested_offset, block_offset, bias):
+        w, idx, scale = self._dequantize(packed, absmax, code, nested_absmax, nested_code, nested_offset, block_offset)
         x32 = ops.cast(x, ms.float32)
         if self.compute == "bfloat16":
             y = ops.matmul(_bf16_round(x32), _bf16_round(w).T)
@@ -352,6 +357,23 @@ class ReferenceLinear4bit(_Linear4bitBase):
         if self.has_bias:
             y = y + bias
         return ops.cast(y, x.dtype)
+
+    def bprop(self, x, packed, absmax, code, nested_absmax, nested_code, nested_offset, block_offset, bias, out, dout):
+        w = self._dequantize(packed, absmax, code, nested_absmax, nested_code, nested_offset, block_offset)[0]
+        dx = _reference_dx(x, w, dout, self.compute)
+        dbias = ops.cast(_sum_rows(dout), bias.dtype) if self.has_bias else _zeros_like(bias)
+        frozen = (packed, absmax, code, nested_absmax, nested_code, nested_offset, block_offset)
+        return (dx, *(_zeros_like(t) for t in frozen), dbias)
+
+
+def _reference_dx(x, w, dout, compute: str):
+    """The input gradient the kernels compute: ``dy @ W`` in float32, with dy and W rounded to bfloat16 in the
+    bfloat16 mode (products summed in float32), the float gradient in the others (autodiff through the
+    int8 mode's rounding would give zero)."""
+    g = ops.cast(dout, ms.float32).reshape((-1, w.shape[0]))
+    if compute == "bfloat16":
+        g, w = _bf16_round(g), _bf16_round(w)
+    return ops.cast(ops.matmul(g, w).reshape(x.shape), x.dtype)
 
 
 class _Linear8bitBase(nn.Cell):
@@ -385,11 +407,16 @@ class FusedLinear8bit(_Linear8bitBase):
 
 
 class ReferenceLinear8bit(_Linear8bitBase):
-    def construct(self, x, q, scale, offset, bias):
+    """Dequantize with MindSpore ops, then MatMul. Its bprop is the kernels' (``_reference_dx``)."""
+
+    def _dequantize(self, q, scale, offset):
         w = ops.cast(q, ms.float32)
         if self.asymmetric:
             w = w - offset.reshape((-1, 1))
-        w = w * scale.reshape((-1, 1))
+        return w * scale.reshape((-1, 1))
+
+    def construct(self, x, q, scale, offset, bias):
+        w = self._dequantize(q, scale, offset)
         x32 = ops.cast(x, ms.float32)
         if self.compute == "bfloat16":
             y = ops.matmul(_bf16_round(x32), _bf16_round(w).T)
@@ -409,6 +436,11 @@ class ReferenceLinear8bit(_Linear8bitBase):
         if self.has_bias:
             y = y + bias
         return ops.cast(y, x.dtype)
+
+    def bprop(self, x, q, scale, offset, bias, out, dout):
+        dx = _reference_dx(x, self._dequantize(q, scale, offset), dout, self.compute)
+        dbias = ops.cast(_sum_rows(dout), bias.dtype) if self.has_bias else _zeros_like(bias)
+        return dx, _zeros_like(q), _zeros_like(scale), _zeros_like(offset), dbias
 
 
 class _LlmInt8Base(nn.Cell):

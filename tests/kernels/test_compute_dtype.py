@@ -329,8 +329,21 @@ def test_int8_refusals_name_the_layer():
 
 
 # ---- graph mode, gradients, configs ----------------------------------------------------------------------------------
+def input_gradient(layer, dy: np.ndarray, k: int) -> np.ndarray:
+    x = Tensor(np.zeros((dy.shape[0], k), np.float32))
+    return ms.grad(lambda t: (layer(t) * Tensor(dy)).sum())(x).asnumpy()
+
+
+def bf16_dx_reference(layer, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """dx = bf16(dy) @ bf16(W) in float64 and Higham's bound for its float32 sums of N products."""
+    g = compute.bf16_round(dy).astype(np.float64)
+    Wb = compute.bf16_round(layer.dequantized_weight()).astype(np.float64)
+    n = dy.shape[1]
+    return g @ Wb, gamma(n + 3) * (np.abs(g) @ np.abs(Wb)) + 1e-30
+
+
 @pytest.mark.parametrize("mode", ["bfloat16", "int8"])
-def test_jit_matches_pynative_and_dx_is_the_float_gradient(ms_cpu, mode):
+def test_jit_matches_pynative_and_the_backward_of_each_mode(ms_cpu, mode):
     layer = make("nf4-dq-64", 32, 128, mode, BACKENDS[0])
     x = np.random.default_rng(4).standard_normal((5, 128)).astype(np.float32)
     eager = layer(Tensor(x)).asnumpy()
@@ -340,13 +353,82 @@ def test_jit_matches_pynative_and_dx_is_the_float_gradient(ms_cpu, mode):
         return layer(inp)
 
     np.testing.assert_array_equal(run(Tensor(x)).asnumpy(), eager)
-    # the backward of every compute mode is the float32 input gradient dy @ W (weights frozen)
     g = np.random.default_rng(5).standard_normal((5, 32)).astype(np.float32)
-    gt = Tensor(g)
-    dx = ms.grad(lambda xx: (layer(xx) * gt).sum())(Tensor(x)).asnumpy()
+    dx = input_gradient(layer, g, 128)
+    if mode == "bfloat16":  # dy and W rounded to bf16, float32 sums, as bitsandbytes' backward in its compute dtype
+        want, bound = bf16_dx_reference(layer, g)
+    else:  # int8 compute: the float32 input gradient dy @ W (weights frozen)
+        W = layer.dequantized_weight().astype(np.float64)
+        want = g.astype(np.float64) @ W
+        bound = gamma(32 + 3) * (np.abs(g.astype(np.float64)) @ np.abs(W)) + 1e-30
+    assert np.all(np.abs(dx - want) <= bound)
+
+
+# (N, K, M) of the bf16 input gradient: N odd (a last zero pair) and across the 64-row panels, K unaligned (the
+# scalar and one-vector tails of a slice) or over several slices, M below and across the register tiles
+BF16_DX_SHAPES = [(40, 130, 6), (151, 650, 13), (24, 2304, 3), (7, 64, 1)]
+
+
+@pytest.mark.skipif(not CPU, reason="kernel library not built")
+@pytest.mark.parametrize("isa", isa_params(), indirect=True)
+@pytest.mark.parametrize("kind", ["nf4-dq-64", "int4-asym-32", "int8", "int8-asym-tensor"])
+@pytest.mark.parametrize(("n", "k", "m"), BF16_DX_SHAPES)
+def test_bf16_input_gradient(ms_cpu, isa, kind, n, k, m):
+    """The bfloat16 mode's dx kernel against the float64 product of the rounded operands, and vdpbf16ps against
+    its emulation (the same bits) on AVX-512."""
+    layer = make(kind, n, k, "bfloat16", seed=n)
+    dy = np.random.default_rng(k + m).standard_normal((m, n)).astype(np.float32)
+    kernels.set_amx(False)  # AMX tiles (batches on CPUs that have them) sum in their own order
+    dx = input_gradient(layer, dy, k)
+    want, bound = bf16_dx_reference(layer, dy)
+    assert np.all(np.abs(dx - want) <= bound), f"worst ratio {(np.abs(dx - want) / bound).max():.3g}"
+    # the float gradient differs by the operands' rounding: about 2^-8 relative, far more than the bound above
     W = layer.dequantized_weight().astype(np.float64)
-    want = g.astype(np.float64) @ W
-    bound = gamma(32 + 3) * (np.abs(g.astype(np.float64)) @ np.abs(W)) + 1e-30
+    assert np.abs(dx - dy.astype(np.float64) @ W).max() > 10 * bound.max()
+    if isa == "avx512" and _lib.cpu_has_bf16():
+        kernels.set_bf16_native(False)
+        np.testing.assert_array_equal(input_gradient(layer, dy, k), dx)
+
+
+@pytest.mark.skipif(
+    not (CPU and "bfloat16" in _lib.cpu_has_amx()),
+    reason="this CPU has no AMX bf16 tiles (or Linux does not grant them)",
+)
+@pytest.mark.parametrize("kind", ["nf4-dq-64", "int4-asym-32", "int8"])
+@pytest.mark.parametrize(("n", "k", "m"), [(151, 650, 37), (64, 1024, 8), (33, 2112, 70)])
+def test_bf16_input_gradient_on_amx_tiles(ms_cpu, kind, n, k, m):
+    """Batches of 8 rows of dy or more on the tiles: within the bound taken with twice the unit roundoff (as the
+    forward's tiles), and each row of dx independent of the other rows of the batch."""
+    kernels.set_isa("avx512")
+    try:
+        layer = make(kind, n, k, "bfloat16", seed=n)
+        dy = np.random.default_rng(k + m).standard_normal((m, n)).astype(np.float32)
+        kernels.set_amx(True)
+        dx = input_gradient(layer, dy, k)
+        want, bound = bf16_dx_reference(layer, dy)
+        assert np.all(np.abs(dx - want) <= 2 * bound), f"worst ratio {(np.abs(dx - want) / (2 * bound)).max():.3g}"
+        rows = np.arange(m)[::-1][:8]
+        np.testing.assert_array_equal(input_gradient(layer, dy[rows], k), dx[rows])
+    finally:
+        kernels.set_amx(True)
+        kernels.set_isa("auto")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["nf4-dq-64", "int8"])
+@pytest.mark.parametrize("mode", ["bfloat16", "int8"])
+def test_reference_backend_has_the_kernels_backward(ms_cpu, backend, kind, mode):
+    """Both backends give the same input gradient semantics (the reference's autodiff through the int8 mode's
+    rounding would give zero, through the bf16 casts a rounded result)."""
+    layer = make(kind, 24, 128, mode, backend)
+    dy = np.random.default_rng(2).standard_normal((5, 24)).astype(np.float32)
+    dx = input_gradient(layer, dy, 128)
+    if mode == "bfloat16":
+        want, bound = bf16_dx_reference(layer, dy)
+    else:
+        W = layer.dequantized_weight().astype(np.float64)
+        want = dy.astype(np.float64) @ W
+        bound = gamma(24 + 3) * (np.abs(dy.astype(np.float64)) @ np.abs(W)) + 1e-30
     assert np.all(np.abs(dx - want) <= bound)
 
 

@@ -358,7 +358,10 @@ MSBNB_EXPORT int MsbnbLinear4bitDx(int nparam, void **params, int *ndims, int64_
   if (numel(ndims[DX], shapes[DX]) != M * w.K) return fail(15, "dx must hold %lld x %lld values", (long long)M, (long long)w.K);
   const float *dy = input_f32(params[DY], dtypes[DY], M * N, 4);
   float *dx = output_f32(params[DX], dtypes[DX], M * w.K, 5);
-  table().linear4bit_dx(dy, M, w, dx);
+  if (flags & 8)
+    table().linear4bit_dx_bf16(dy, M, w, dx);
+  else
+    table().linear4bit_dx(dy, M, w, dx);
   finish_output(params[DX], dtypes[DX], dx, M * w.K);
   return 0;
 }
@@ -438,7 +441,10 @@ MSBNB_EXPORT int MsbnbLinear8bitDx(int nparam, void **params, int *ndims, int64_
   if (numel(ndims[DX], shapes[DX]) != M * w.K) return fail(15, "dx has the wrong size");
   const float *dy = input_f32(params[DY], dtypes[DY], M * w.N, 4);
   float *dx = output_f32(params[DX], dtypes[DX], M * w.K, 5);
-  table().linear8bit_dx(dy, M, w, dx);
+  if (flags & 4)
+    table().linear8bit_dx_bf16(dy, M, w, dx);
+  else
+    table().linear8bit_dx(dy, M, w, dx);
   finish_output(params[DX], dtypes[DX], dx, M * w.K);
   return 0;
 }

@@ -368,6 +368,29 @@ const MicroBf16Fn kMicroBf16Native[16] = {
 };
 const MicroBf16Fn *bf16_native_micro() { return bf16_native_enabled() ? kMicroBf16Native : nullptr; }
 
+// panel_dx_bf16's tile with vdpbf16ps: per pair of weight rows, one broadcast pair of dy per row of dx and one
+// instruction per vector of 16 outputs (row 2j + 1's product, then row 2j's, as dx_tile_bf16 emulates it).
+template <int MR, int KV>
+MSBNB_BF16_TARGET void dx_tile_bf16_native(const uint32_t *g, int64_t ldg, int np, const uint32_t *panel, int64_t ld,
+                                           float *out, int64_t K) {
+  __m512 acc[MR][KV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < KV; ++v) acc[i][v] = _mm512_loadu_ps(out + i * K + v * 16);
+  for (int j = 0; j < np; ++j) {
+    __m512i p[KV];
+    for (int v = 0; v < KV; ++v) p[v] = _mm512_loadu_si512(panel + j * ld + v * 16);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i b = _mm512_set1_epi32((int)g[i * ldg + j]);
+      for (int v = 0; v < KV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)p[v], (__m512bh)b);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < KV; ++v) _mm512_storeu_ps(out + i * K + v * 16, acc[i][v]);
+}
+const DxBf16Fn kDxBf16Native[3] = {dx_tile_bf16_native<kDxMR, kDxKV>, dx_tile_bf16_native<1, kDxKV>,
+                                   dx_tile_bf16_native<1, 1>};
+const DxBf16Fn *dx_bf16_native_tiles() { return bf16_native_enabled() ? kDxBf16Native : nullptr; }
+
 // ---- bf16 batches on AMX tiles ----------------------------------------------------------------------------------
 // Eight 16 x 64-byte tiles: C in 0-3 (2 x 2 blocks of 16 weight rows x 16 rows of x, float32), two tiles of weight
 // rows (16 rows x 32 bf16 of the panel, row-major as decoded) and two of x (16 pairs of k x 16 rows of x).
@@ -429,6 +452,55 @@ MSBNB_AMX_TARGET void amx_bf16_tiles(const uint32_t *xT, int64_t Mp, int64_t M, 
 void amx_bf16_panel(const uint32_t *xT, int64_t Mp, int64_t M, const uint16_t *panel, int64_t ld, int64_t rows,
                     int64_t kpad, int64_t nvalid, float *y, int64_t N) {
   amx_bf16_tiles(xT, Mp, M, panel, ld, rows, kpad, nvalid, y, N);
+}
+
+// dx[m][kb + c] for m in [m0, m0 + 32), c < kvalid: four tiles of 16 rows of dy (A: 16 pairs of n per row) times
+// 16 pairs x 16 columns of the pair panel (B), over all npp pairs; rows at or past M are dropped.
+MSBNB_AMX_TARGET void amx_bf16_dx_tiles(const uint32_t *g, int64_t ldg, int64_t M, int64_t m0, int64_t npp,
+                                        const uint32_t *panel, int64_t ld, int64_t kb, int64_t kvalid, float *dx,
+                                        int64_t K) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) float c[4][16][16];
+  const int64_t lda = ldg * (int64_t)sizeof(uint32_t), ldb = ld * (int64_t)sizeof(uint32_t);
+  const uint32_t *a0 = g + m0 * ldg, *a1 = a0 + 16 * ldg;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t j = 0; j < npp; j += 16) {
+    const uint32_t *b = panel + j * ld + kb;
+    _tile_loadd(4, a0 + j, lda);
+    _tile_loadd(5, a1 + j, lda);
+    _tile_loadd(6, b, ldb);
+    _tile_loadd(7, b + 16, ldb);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c[0], 64);
+  _tile_stored(1, c[1], 64);
+  _tile_stored(2, c[2], 64);
+  _tile_stored(3, c[3], 64);
+  _tile_release();
+  for (int i = 0; i < 4; ++i)  // c[i][row of dy][column of dx]
+    for (int r = 0; r < 16; ++r) {
+      const int64_t m = m0 + 16 * (i / 2) + r;
+      if (m >= M) break;
+      for (int col = 0; col < 16; ++col) {
+        const int64_t cc = 16 * (i % 2) + col;
+        if (cc < kvalid) dx[m * K + cc] = c[i][r][col];
+      }
+    }
+}
+void amx_bf16_dx_block(const uint32_t *g, int64_t ldg, int64_t M, int64_t m0, int64_t npp, const uint32_t *panel,
+                       int64_t ld, int64_t kb, int64_t kvalid, float *dx, int64_t K) {
+  amx_bf16_dx_tiles(g, ldg, M, m0, npp, panel, ld, kb, kvalid, dx, K);
 }
 
 // ---- int8 compute with VPDPBUSD -----------------------------------------------------------------------------------

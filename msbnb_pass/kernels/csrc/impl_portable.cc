@@ -129,6 +129,8 @@ BV bload(const uint16_t *p) {
 }
 const MicroBf16Fn *bf16_native_micro() { return nullptr; }
 bool amx_ready() { return false; }
+void amx_bf16_dx_block(const uint32_t *, int64_t, int64_t, int64_t, int64_t, const uint32_t *, int64_t, int64_t, int64_t,
+                       float *, int64_t) {}
 void amx_bf16_panel(const uint32_t *, int64_t, int64_t, const uint16_t *, int64_t, int64_t, int64_t, int64_t, float *,
                     int64_t) {}
 void i8_gemm(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, const W8 *w8, float *y) {
@@ -139,6 +141,7 @@ bool fast_linear4bit_bf16(const float *, int64_t, const W4 &, const float *, flo
 bool decode4_bf16(const W4 &, int64_t, int64_t, int64_t, uint16_t *) { return false; }
 bool fast_linear8bit_bf16(const float *, int64_t, const W8 &, const float *, float *) { return false; }
 bool decode8_bf16(const W8 &, int64_t, int64_t, int64_t, uint16_t *) { return false; }
+const DxBf16Fn *dx_bf16_native_tiles() { return nullptr; }
 float quantize_row_fast(const float *x, int64_t K, const uint8_t *outlier, float threshold, int8_t *q,
                         int32_t *qsum) {
   return quantize_row(x, K, outlier, threshold, q, qsum);

@@ -78,6 +78,10 @@ struct KernelTable {
   // per block scaled in float32
   void (*linear4bit_i8)(const float *x, int64_t M, const W4 &w, const float *bias, float *y);
   void (*linear8bit_i8)(const float *x, int64_t M, const W8 &w, const float *bias, float *y);
+  // the input gradient of the bfloat16 mode: dy and the decoded weights rounded to bf16, float32 sums in
+  // vdpbf16ps' order over pairs of weight rows
+  void (*linear4bit_dx_bf16)(const float *dy, int64_t M, const W4 &w, float *dx);
+  void (*linear8bit_dx_bf16)(const float *dy, int64_t M, const W8 &w, float *dx);
 };
 
 extern const KernelTable kTableAvx512;
