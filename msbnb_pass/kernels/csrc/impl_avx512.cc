@@ -190,7 +190,7 @@ inline void block_scales(const W4 &w, int64_t b0, int64_t count, float *out) {
     return;
   }
   int64_t i = 0;
-  if (w.nested_shift >= 0) {
+  if (w.nested_shift >= 0 && w.nested_shift < 31) {
     const int sh = w.nested_shift;
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512 off = _mm512_set1_ps(w.nested_offset);
@@ -762,26 +762,11 @@ void i8_small(const ActQ &a, int64_t M, int64_t K, int64_t N, const W4 *w4, cons
   });
 }
 
-// The int8-compute weight scales of row n, blocks [0, nb): i8_wscale's float operations, 16 blocks at a time
-// where the absmax is double-quantized (two gathers), so the same values.
+// The int8-compute weight scales of row n, blocks [0, nb): i8_wscale's float operations (block_scales, then the
+// factor 1/127), so the same values.
 void i8_row_scales(const W4 &w, int64_t n, int64_t nb, float *out) {
-  const int64_t base = n * nb;
-  int64_t b = 0;
-  if (!w.absmax && w.nested_shift >= 4 && w.nested_shift < 31) {
-    const __m512 inv = _mm512_set1_ps(kInv127f), off = _mm512_set1_ps(w.nested_offset);
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const int64_t low = (int64_t(1) << w.nested_shift) - 1;
-    for (; b + 16 <= nb; b += 16) {
-      const int64_t g = base + b;
-      const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w.qabsmax + g)));
-      const __m512 code = _mm512_i32gather_ps(q, w.nested_code, 4);
-      // 16 blocks span at most two nested blocks (nested blocksize >= 16): index them from g's
-      const __m512i ni = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32((int)(g & low)), lane), w.nested_shift);
-      const __m512 na = _mm512_i32gather_ps(ni, w.nested_absmax + (g >> w.nested_shift), 4);
-      _mm512_storeu_ps(out + b, _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(code, na), off), inv));
-    }
-  }
-  for (; b < nb; ++b) out[b] = w.scale(base + b) * kInv127f;
+  block_scales(w, n * nb, nb, out);
+  for (int64_t b = 0; b < nb; ++b) out[b] = out[b] * kInv127f;
 }
 
 // One row of x (M = 1, decoding) against 4-bit weights, int8 compute: i8_small's arithmetic (the same bits),
