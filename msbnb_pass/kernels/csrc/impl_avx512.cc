@@ -432,6 +432,32 @@ struct alignas(64) TileConfig {
 
 #define MSBNB_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f")))
 #define MSBNB_AMX_INT8_TARGET __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512dq,avx512vl")))
+// c[2i + l] = sum over `steps` steps of A_i B_l: A_0 / A_1 are 16 rows at a0 / a1 (row stride lda bytes), B_0 / B_1
+// 16 rows at b and 64 bytes further (row stride ldb), each step astep bytes further along A and bstep along B.
+MSBNB_AMX_TARGET inline void amx_bf16_2x2(const void *a0, const void *a1, int64_t lda, const void *b, int64_t ldb,
+                                          int64_t astep, int64_t bstep, int64_t steps, float (*c)[16][16]) {
+  const char *pa0 = static_cast<const char *>(a0), *pa1 = static_cast<const char *>(a1);
+  const char *pb = static_cast<const char *>(b);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(4, pa0 + s * astep, lda);
+    _tile_loadd(5, pa1 + s * astep, lda);
+    _tile_loadd(6, pb + s * bstep, ldb);
+    _tile_loadd(7, pb + s * bstep + 64, ldb);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c[0], 64);
+  _tile_stored(1, c[1], 64);
+  _tile_stored(2, c[2], 64);
+  _tile_stored(3, c[3], 64);
+}
+
 MSBNB_AMX_TARGET void amx_bf16_tiles(const uint32_t *xT, int64_t Mp, int64_t M, const uint16_t *panel, int64_t ld,
                                      int64_t rows, int64_t kpad, int64_t nvalid, float *y, int64_t N) {
   TileConfig cfg;
@@ -444,26 +470,9 @@ MSBNB_AMX_TARGET void amx_bf16_tiles(const uint32_t *xT, int64_t Mp, int64_t M, 
   const int64_t lda = ld * (int64_t)sizeof(uint16_t), ldb = Mp * (int64_t)sizeof(uint32_t);
   for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
     for (int64_t r0 = 0; r0 < rows; r0 += 32) {
-      const uint16_t *a0 = panel + r0 * ld, *a1 = a0 + 16 * ld;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t k = 0; k < kpad; k += 32) {
-        const uint32_t *b = xT + (k / 2) * Mp + m0;
-        _tile_loadd(4, a0 + k, lda);
-        _tile_loadd(5, a1 + k, lda);
-        _tile_loadd(6, b, ldb);
-        _tile_loadd(7, b + 16, ldb);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-      _tile_stored(0, c[0], 64);
-      _tile_stored(1, c[1], 64);
-      _tile_stored(2, c[2], 64);
-      _tile_stored(3, c[3], 64);
+      const uint16_t *a0 = panel + r0 * ld;
+      // per step 32 bf16 of k: 64 bytes along the panel rows, 16 pairs of k rows of xT
+      amx_bf16_2x2(a0, a0 + 16 * ld, lda, xT + m0, ldb, 64, 16 * ldb, kpad / 32, c);
       for (int i = 0; i < 4; ++i)  // c[i][row of the panel][row of x]
         for (int r = 0; r < 16; ++r) {
           const int64_t n = r0 + 16 * (i / 2) + r;
@@ -495,26 +504,9 @@ MSBNB_AMX_TARGET void amx_bf16_dx_tiles(const uint32_t *g, int64_t ldg, int64_t 
   _tile_loadconfig(&cfg);
   alignas(64) float c[4][16][16];
   const int64_t lda = ldg * (int64_t)sizeof(uint32_t), ldb = ld * (int64_t)sizeof(uint32_t);
-  const uint32_t *a0 = g + m0 * ldg, *a1 = a0 + 16 * ldg;
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t j = 0; j < npp; j += 16) {
-    const uint32_t *b = panel + j * ld + kb;
-    _tile_loadd(4, a0 + j, lda);
-    _tile_loadd(5, a1 + j, lda);
-    _tile_loadd(6, b, ldb);
-    _tile_loadd(7, b + 16, ldb);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
-  }
-  _tile_stored(0, c[0], 64);
-  _tile_stored(1, c[1], 64);
-  _tile_stored(2, c[2], 64);
-  _tile_stored(3, c[3], 64);
+  const uint32_t *a0 = g + m0 * ldg;
+  // per step 16 pairs of n: 64 bytes along the rows of g, 16 pair rows of the panel
+  amx_bf16_2x2(a0, a0 + 16 * ldg, lda, panel + kb, ldb, 64, 16 * ldb, npp / 16, c);
   _tile_release();
   for (int i = 0; i < 4; ++i)  // c[i][row of dy][column of dx]
     for (int r = 0; r < 16; ++r) {
