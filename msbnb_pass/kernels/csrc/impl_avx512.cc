@@ -432,6 +432,15 @@ struct alignas(64) TileConfig {
 
 #define MSBNB_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f")))
 #define MSBNB_AMX_INT8_TARGET __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512dq,avx512vl")))
+// Configure tiles 0 .. count - 1 as 16 rows x 64 bytes (the only shape the kernels use).
+__attribute__((target("amx-tile"))) inline void amx_load_tiles(int count) {
+  TileConfig cfg;
+  for (int t = 0; t < count; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
 // c[2i + l] = sum over `steps` steps of A_i B_l: A_0 / A_1 are 16 rows at a0 / a1 (row stride lda bytes), B_0 / B_1
 // 16 rows at b and 64 bytes further (row stride ldb), each step astep bytes further along A and bstep along B.
 MSBNB_AMX_TARGET inline void amx_bf16_2x2(const void *a0, const void *a1, int64_t lda, const void *b, int64_t ldb,
@@ -460,12 +469,7 @@ MSBNB_AMX_TARGET inline void amx_bf16_2x2(const void *a0, const void *a1, int64_
 
 MSBNB_AMX_TARGET void amx_bf16_tiles(const uint32_t *xT, int64_t Mp, int64_t M, const uint16_t *panel, int64_t ld,
                                      int64_t rows, int64_t kpad, int64_t nvalid, float *y, int64_t N) {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
+  amx_load_tiles(8);
   alignas(64) float c[4][16][16];
   const int64_t lda = ld * (int64_t)sizeof(uint16_t), ldb = Mp * (int64_t)sizeof(uint32_t);
   for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
@@ -496,12 +500,7 @@ void amx_bf16_panel(const uint32_t *xT, int64_t Mp, int64_t M, const uint16_t *p
 MSBNB_AMX_TARGET void amx_bf16_dx_tiles(const uint32_t *g, int64_t ldg, int64_t M, int64_t m0, int64_t npp,
                                         const uint32_t *panel, int64_t ld, int64_t kb, int64_t kvalid, float *dx,
                                         int64_t K) {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
+  amx_load_tiles(8);
   alignas(64) float c[4][16][16];
   const int64_t lda = ldg * (int64_t)sizeof(uint32_t), ldb = ld * (int64_t)sizeof(uint32_t);
   const uint32_t *a0 = g + m0 * ldg;
@@ -840,12 +839,7 @@ bool amx_int8_ready() { return amx_int8_enabled(); }
 MSBNB_AMX_INT8_TARGET void i8_amx_group(const int32_t *xT, const int32_t *corr, const float *sxT, int64_t Mp, int64_t M,
                                         int64_t K, int64_t B, int64_t nb, const uint8_t *wu8, int64_t ldw,
                                         const float *wsT, int64_t n0, int rc, int64_t N, float *y) {
-  TileConfig cfg;
-  for (int t = 0; t < 3; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
+  amx_load_tiles(3);
   alignas(64) int32_t c[16][16];
   alignas(64) float out[16][16];
   for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
