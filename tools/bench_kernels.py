@@ -30,6 +30,11 @@ fp32 time / variant time (higher is faster), and the effective weight bandwidth 
 / time). fp32 and every variant are measured in the same process, interleaved by shape, so ratios are
 comparable even on a noisy machine. bitsandbytes (torch) layers run in a second interpreter started by
 this one (torch and MindSpore do not share a process well), with the same L and shapes.
+
+``--load cpu[:N]`` / ``--load mem[:N]`` runs the whole benchmark next to N other processes (default 1) that
+keep a core busy (a Python loop) or stream memory (numpy copies of 256 MiB arrays), as another job on the
+machine would: run once without and once with it, and compare the ``x fp32`` columns to see whether the
+quantized cells lose more of their speed under load than fp32 ``nn.Dense`` does.
 """
 
 from __future__ import annotations
@@ -55,6 +60,54 @@ SECTIONS = ["wide", "stack", "small"]  # and "dx", on request
 MIN_LAYERS = 8
 VARIANTS = ["fp32", "nf4_dq", "fp4_dq", "int4", "int8", "llm_int8_t0", "llm_int8_t6"]
 # also available: any 4-bit or int8 variant with a compute dtype suffix, e.g. nf4_dq@bfloat16, int8@int8
+
+
+LOADS = {
+    # another job keeping one core busy
+    "cpu": "while True:\n    pass\n",
+    # another job streaming memory: copies between two 256 MiB arrays, far beyond any L3
+    "mem": (
+        "import numpy as np\n"
+        "a = np.ones(1 << 26, np.float32)\n"
+        "b = np.empty_like(a)\n"
+        "while True:\n"
+        "    np.copyto(b, a)\n"
+        "    np.copyto(a, b)\n"
+    ),
+}
+
+
+def parse_load(spec: str) -> tuple[str, int]:
+    """``"cpu"``, ``"mem:2"``, ... -> (kind, process count); ``"none"`` -> ("none", 0)."""
+    kind, _, count = spec.partition(":")
+    if kind == "none" and not count:
+        return "none", 0
+    if kind not in LOADS or not (count == "" or (count.isdigit() and int(count) >= 1)):
+        raise argparse.ArgumentTypeError(f"--load must be none, cpu[:N] or mem[:N] with N >= 1 processes, got {spec!r}")
+    return kind, int(count or 1)
+
+
+def start_load(kind: str, count: int) -> list[subprocess.Popen]:
+    """``count`` background processes of the given kind (see LOADS); stop them with :func:`stop_load`."""
+    if kind == "none":
+        return []
+    procs = [
+        subprocess.Popen([sys.executable, "-c", LOADS[kind]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(count)
+    ]
+    time.sleep(1.0)  # let them start (the memory load allocates and touches its arrays first)
+    for proc in procs:
+        if proc.poll() is not None:
+            stop_load(procs)
+            raise RuntimeError(f"the {kind} load process exited at once (code {proc.returncode})")
+    return procs
+
+
+def stop_load(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.kill()
+    for proc in procs:
+        proc.wait()
 
 
 def l3_bytes() -> int:
@@ -511,8 +564,23 @@ def main(argv=None) -> int:
         metavar="DIR",
         help="profile the small section with MindSpore's profiler (output under DIR): op times and dispatch gaps",
     )
+    parser.add_argument(
+        "--load",
+        type=parse_load,
+        default=("none", 0),
+        metavar="KIND[:N]",
+        help="run next to N busy processes: cpu (a busy loop each) or mem (memory streaming); default none",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
+    load_procs = start_load(*args.load)
+    try:
+        return run_benchmarks(args)
+    finally:
+        stop_load(load_procs)
+
+
+def run_benchmarks(args) -> int:
 
     import mindspore as ms
 
@@ -538,10 +606,13 @@ def main(argv=None) -> int:
         "backend": kernels.get_backend(),
         "date": time.strftime("%Y-%m-%d"),
         "mindspore": ms.__version__,
+        "load": {"kind": args.load[0], "processes": args.load[1]},
     }
+    load = "" if args.load[0] == "none" else f", next to {args.load[1]} {args.load[0]} load process(es)"
     print(
         f"# {meta['machine']}, {meta['cores']} cores, L3 {meta['l3_bytes'] >> 20} MB, "
         f"streaming >= {stream >> 20} MB per variant, kernels: {meta['kernel_isa']} x{meta['kernel_threads']} threads"
+        f"{load}"
     )
     rows: list[dict] = []
     rng = np.random.default_rng(0)
