@@ -182,8 +182,8 @@ const int kPlanePos[8] = {1, 0, 3, 2, 5, 4, 7, 6};
 // w.scale decodes each, fl(fl(nested_code[q] * nested_absmax[b / nested_bs]) + nested_offset) (no contraction:
 // the same bits). One at a time, ~7 scalar operations per block of 64 weights had taken about half of the NF4 +
 // DQ GEMV's time on one thread: called through ctypes, one thread, weights in cache, same bits before and after:
-// 576x576 22.3 -> 14.9 us, 1536x576 46.0 -> 32.8 us, 2048x2048 278 -> 144 us. (On two threads this VM's cache
-// bandwidth already bounded both versions: 14-15 / 31-32 / 150-157 us.)
+// 576x576 22.3 -> 18.4 us, 1536x576 46.0 -> 42.2 us. (A first measurement of the new build, 14.9 / 32.8 us, had
+// run on two threads. On two threads both versions took 14-15 / 31-32 us.)
 inline void block_scales(const W4 &w, int64_t b0, int64_t count, float *out) {
   if (w.absmax) {
     for (int64_t i = 0; i < count; ++i) out[i] = w.absmax[b0 + i];
