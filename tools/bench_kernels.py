@@ -581,7 +581,7 @@ def main(argv=None) -> int:
 
 
 def run_benchmarks(args) -> int:
-
+    """The benchmark itself (``main`` starts and stops the --load processes around it)."""
     import mindspore as ms
 
     from msbnb_pass import kernels

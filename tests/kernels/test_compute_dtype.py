@@ -468,12 +468,14 @@ def test_from_dense_and_configs_choose_the_compute(ms_cpu):
 @pytest.mark.skipif(not CPU, reason="kernel library not built")
 @pytest.mark.parametrize("isa", isa_params(), indirect=True)
 @pytest.mark.parametrize(
-    ("kind", "n", "k"), [("nf4-dq-64", 20, 128), ("int4-32", 36, 70), ("int8", 20, 301), ("nf4-dq-64", 1000, 640)]
+    ("kind", "n", "k"),
+    [("nf4-dq-64", 20, 128), ("int4-32", 36, 70), ("int8", 20, 301), ("nf4-dq-64", 1000, 640), ("int8", 20, 16500)],
 )
 def test_float32_wide_paths(ms_cpu, isa, kind, n, k):
     """M = 300 crosses the 256-row block of the wide GEMM and ends in partial tiles; N = 20/36 ends in partial
     groups of weight rows; N = 1000, K = 640: tasks of several weight panels (the last one partial) over three
-    k-chunks. Forward and dx within Higham's bound gamma_(K+3) (resp. gamma_(N+3)) * |a| @ |b|."""
+    k-chunks; K = 16500: one 256-row block per pass (the transposed x is bounded). Forward and dx within Higham's
+    bound gamma_(K+3) (resp. gamma_(N+3)) * |a| @ |b|."""
     layer = make(kind, n, k, "float32")
     rng = np.random.default_rng(n + k)
     x = rng.standard_normal((300, k)).astype(np.float32)
