@@ -44,6 +44,12 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="decode with plain MindSpore ops instead of the library's decode kernels (for comparison)",
     )
+    p.add_argument(
+        "--native",
+        action="store_true",
+        help="run the decode kernels through ctypes instead of MindSpore's graph executor (4-bit models: the same "
+        "tokens, faster; generate(decode_kernels='native'))",
+    )
     p.add_argument("--no-warmup", action="store_true", help="do not compile the graphs before timing")
     p.set_defaults(func=_cmd_generate)
 
@@ -74,6 +80,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.native and args.plain_decode:
+        raise CLIError("--native and --plain-decode exclude each other (native runs the decode kernels)")
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
     t0 = time.perf_counter()
@@ -90,7 +98,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(f"loaded {args.path} in {time.perf_counter() - t0:.1f} s; prompt: {ids.shape[1]} tokens", file=sys.stderr)
     kw = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     kw["quantized_head"] = "int8" if args.int8_head else None
-    kw["decode_kernels"] = False if args.plain_decode else None
+    kw["decode_kernels"] = False if args.plain_decode else ("native" if args.native else None)
     if not args.no_warmup:  # compile the prefill and decode graphs of these shapes (reused below)
         t = time.perf_counter()
         net.generate(ids, max_new_tokens=args.max_new_tokens, streamer=_stop_after(2), seed=args.seed, **kw)

@@ -34,7 +34,9 @@ activations to 8 bits).
 
 ``--paths``: which decode step to time, ``lean`` (the library's decode kernels and fused projections, what
 ``generate`` uses by default: one launch per decoder layer where every projection is 4-bit), ``ops`` (the
-same kernels, one launch per op) and/or ``plain`` (MindSpore ops only); with both, each process compiles both
+same kernels, one launch per op), ``native`` (the lean step's layer kernels called through ctypes, without
+MindSpore's graph executor: ``generate(decode_kernels="native")``, 4-bit decoders only) and/or ``plain``
+(MindSpore ops only); with several, each process compiles them all
 and runs ``--repeats`` timed ``generate`` calls per step interleaved, so that load from other jobs hits
 them alike (medians over all calls; ``same_tokens_as_first_path`` checks the tokens agree).
 
@@ -58,7 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-PATHS = {"lean": True, "ops": "ops", "plain": False}  # --paths -> generate(decode_kernels=...)
+PATHS = {"lean": True, "ops": "ops", "native": "native", "plain": False}  # --paths -> generate(decode_kernels=...)
 VARIANTS = ("fp32", "int8", "llm_int8", "nf4", "nf4_all", "nf4_bf16", "nf4_int8", "int8_int8", "q4_1", "llama_cpp")
 LLAMA08B = dict(
     vocab_size=32000,
@@ -604,7 +606,8 @@ def main(argv=None) -> int:
         "--paths",
         default="lean",
         help="decode steps to time, comma-separated, interleaved in one process: lean (the decode kernels, the "
-        "default of generate), ops (the same kernels, one launch per op) and/or plain (MindSpore ops only)",
+        "default of generate), ops (the same kernels, one launch per op), native (the layer kernels through "
+        "ctypes, no graph executor; 4-bit decoders) and/or plain (MindSpore ops only)",
     )
     ap.add_argument("--repeats", type=int, default=1, help="timed generate calls per path (interleaved)")
     ap.add_argument("--json", default=None)
@@ -617,7 +620,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     paths = args.paths.split(",")
     if any(p not in PATHS for p in paths) or args.repeats < 1:
-        raise SystemExit(f"--paths takes lean, ops and/or plain, --repeats >= 1; got {args.paths!r}, {args.repeats}")
+        raise SystemExit(
+            f"--paths takes lean, ops, native and/or plain, --repeats >= 1; got {args.paths!r}, {args.repeats}"
+        )
     if args.worker and args.worker[1] == "llama_cpp":
         print("RESULT " + json.dumps(_llama_cpp_worker(args.prompt_len, args.new, args.repeats)), flush=True)
         return 0

@@ -130,6 +130,22 @@ def linear4bit_multi(n_projections: int):
     return ops.Custom(_fn("MsbnbLinear4bitMulti"), out_shape=_linear4bit_multi_shape, out_dtype=_f32, func_type="aot")
 
 
+def w4_args(cell) -> tuple:
+    """The tensors ``linear4bit_multi`` (and the decoder-layer kernel) take for one ``Linear4bit`` layer, in
+    their order."""
+    return (
+        cell.weight,
+        cell.weight_absmax,
+        cell.weight_quant_map,
+        cell.weight_nested_absmax,
+        cell.weight_nested_quant_map,
+        cell.weight_nested_offset,
+        cell.weight_block_offset,
+        cell._bias(),
+        cell.kernel.meta,
+    )
+
+
 def _linear_q8_shape(x, q, d):
     return list(x[:-1]) + [q[0]]
 

@@ -28,6 +28,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from ..errors import MsbnbError
 from ..kernels import decode_ops, get_backend
 from ..nn import Linear4bit, Linear8bit
+from .native_step import NativeStep, NativeStepError
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class CachedDecoder(nn.Cell):
         if kind == "w4":
             args = ()
             for c in cells:
-                args = args + _w4_args(c)
+                args = args + decode_ops.w4_args(c)
             if n == 1:
                 return self.w4_1(x, *args)
             if n == 2:
@@ -225,7 +226,7 @@ class CachedDecoder(nn.Cell):
                     mlp.up_proj,
                     mlp.down_proj,
                 ):
-                    args = args + _w4_args(c)
+                    args = args + decode_ops.w4_args(c)
                 x, a = self.layer_op(
                     x,
                     a,
@@ -378,21 +379,6 @@ def _int8_head(lm: nn.Cell) -> nn.Cell:
     return head
 
 
-def _w4_args(cell):
-    """The tensors the fused 4-bit kernel takes for one Linear4bit layer, in its order."""
-    return (
-        cell.weight,
-        cell.weight_absmax,
-        cell.weight_quant_map,
-        cell.weight_nested_absmax,
-        cell.weight_nested_quant_map,
-        cell.weight_nested_offset,
-        cell.weight_block_offset,
-        cell._bias(),
-        cell.kernel.meta,
-    )
-
-
 def _is_w4(cell: nn.Cell) -> bool:
     """A Linear4bit the fused multi-projection kernel computes exactly as the layer itself does: the C++
     backend, a compute mode that takes float32 input unchanged (float32, bfloat16, int8), no activation."""
@@ -542,6 +528,21 @@ def _decoder(
     return dec
 
 
+def _native_step(dec: CachedDecoder) -> NativeStep:
+    """The decoder's native step, built once per decoder (again when a parameter got new memory); its caches
+    are cleared for each generate call."""
+    native = dec.__dict__.get("_native_step")
+    if native is None or not native.current():
+        try:
+            native = NativeStep(dec)
+        except NativeStepError as exc:
+            raise GenerationError(f"decode_kernels='native': {exc}") from None
+        object.__setattr__(dec, "_native_step", native)
+    else:
+        native.reset()
+    return native
+
+
 def _slots(batch: int, n_kv: int, start: int, t: int) -> np.ndarray:
     idx = np.empty((batch, n_kv, t, 3), np.int32)
     idx[..., 0] = np.arange(batch)[:, None, None]
@@ -586,6 +587,9 @@ def generate(
             each whole layer is one kernel launch (the same kernels in the same order: the same bits).
             Default: when the C++ kernel backend is in use. False: plain MindSpore ops (the reference the
             lean step is tested against). "ops": the decode kernels, one launch per op (for comparison).
+            "native": the one-launch-per-layer step called through ctypes instead of MindSpore's graph
+            executor (:class:`~msbnb_pass.models.native_step.NativeStep`: the same kernels and bits, without
+            the executor's per-launch bookkeeping; 4-bit decoders only).
         quantized_head: None (default): the exact float32 head. "int8" (opt-in, not exact): an int8
             row-wise copy of the float head (tied embedding or float ``lm_head``), streamed at a quarter
             of the bytes per token; greedy tokens may differ from the float head's at near-ties.
@@ -617,10 +621,18 @@ def generate(
             f"(max_seq_len / max_position_embeddings)"
         )
     s = min(limit, -(-needed // _SLOT_ROUND) * _SLOT_ROUND)
-    if not (decode_kernels is None or isinstance(decode_kernels, bool) or decode_kernels == "ops"):
-        raise GenerationError(f"decode_kernels must be None, True, False or 'ops', got {decode_kernels!r}")
-    dec = _decoder(lm, b, s, decode_kernels, _check_head(quantized_head))
+    if not (decode_kernels is None or isinstance(decode_kernels, bool) or decode_kernels in ("ops", "native")):
+        raise GenerationError(f"decode_kernels must be None, True, False, 'ops' or 'native', got {decode_kernels!r}")
+    native = decode_kernels == "native"
+    dec = _decoder(lm, b, s, True if native else decode_kernels, _check_head(quantized_head))
     n_kv = dec.n_kv
+    if native:
+        run_step = _native_step(dec)
+    else:
+
+        def run_step(ids, positions, add, slots):
+            return dec(Tensor(ids), Tensor(positions), Tensor(add), Tensor(slots)).asnumpy()
+
     rng = np.random.default_rng(seed) if do_sample else None
 
     # prefill: slots 0..p-1; a query sees the real tokens at or before its slot
@@ -629,7 +641,7 @@ def generate(
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     causal = np.arange(s)[None, :] <= np.arange(p)[:, None]  # [p, s]
     add = np.where(causal[None] & valid[:, None, :], np.float32(0), _MASKED).astype(np.float32)
-    logits = dec(Tensor(ids), Tensor(positions), Tensor(add), Tensor(_slots(b, n_kv, 0, p))).asnumpy()
+    logits = run_step(ids, positions, add, _slots(b, n_kv, 0, p))
 
     out = [ids.astype(np.int64)]
     finished = np.zeros(b, bool)
@@ -646,12 +658,12 @@ def generate(
         slot = p + step
         valid[:, slot] = True
         add = np.where(valid & (np.arange(s)[None, :] <= slot), np.float32(0), _MASKED).astype(np.float32)
-        logits = dec(
-            Tensor(tok.astype(np.int32)[:, None]),
-            Tensor(next_pos.astype(np.int32)[:, None]),
-            Tensor(add[:, None, :]),
-            Tensor(_slots(b, n_kv, slot, 1)),
-        ).asnumpy()
+        logits = run_step(
+            tok.astype(np.int32)[:, None],
+            next_pos.astype(np.int32)[:, None],
+            np.ascontiguousarray(add[:, None, :]),
+            _slots(b, n_kv, slot, 1),
+        )
         next_pos = next_pos + 1
     return np.concatenate(out, axis=1)
 

@@ -208,7 +208,6 @@ W4_KINDS = {
 @pytest.mark.parametrize("kind", sorted(W4_KINDS))
 @pytest.mark.parametrize("m", [1, 3])
 def test_fused_4bit_projections_equal_the_separate_layers_bit_for_bit(d, isa, kind, m):
-    from msbnb_pass.models.generation import _w4_args
 
     rng = np.random.default_rng(m)
     k = 576
@@ -224,7 +223,7 @@ def test_fused_4bit_projections_equal_the_separate_layers_bit_for_bit(d, isa, ki
         for n in (576, 192, 64)
     ]
     x = Tensor(rng.standard_normal((m, 1, k)).astype(np.float32))
-    args = [a for layer in layers for a in _w4_args(layer)]
+    args = [a for layer in layers for a in d.w4_args(layer)]
     fused = d.linear4bit_multi(3)(x, *args).asnumpy()
     separate = np.concatenate([layer(x).asnumpy() for layer in layers], -1)
     assert fused.shape == (m, 1, 832)
@@ -235,7 +234,6 @@ def test_fused_4bit_projections_equal_the_separate_layers_bit_for_bit(d, isa, ki
 @pytest.mark.parametrize("m", [1, 3])
 def test_fused_4bit_projections_keep_each_layers_compute_mode(d, isa, m):
     """One projection per compute mode (float32, bfloat16, int8) in one call: each slice equals its layer."""
-    from msbnb_pass.models.generation import _w4_args
 
     rng = np.random.default_rng(10 + m)
     k = 576
@@ -251,7 +249,7 @@ def test_fused_4bit_projections_keep_each_layers_compute_mode(d, isa, m):
         for n, cd in ((192, "float32"), (200, "bfloat16"), (64, "int8"))
     ]
     x = Tensor(rng.standard_normal((m, 1, k)).astype(np.float32))
-    args = [a for layer in layers for a in _w4_args(layer)]
+    args = [a for layer in layers for a in d.w4_args(layer)]
     fused = d.linear4bit_multi(3)(x, *args).asnumpy()
     separate = [layer(x).asnumpy() for layer in layers]
     assert np.array_equal(fused, np.concatenate(separate, -1))

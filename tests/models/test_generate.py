@@ -181,8 +181,77 @@ def test_one_launch_per_layer_gives_the_per_op_steps_bits(ms_cpu, graph_mode, co
         out.tolist()
         == net.generate(ids, attention_mask=real.astype(np.int32), max_new_tokens=6, decode_kernels="ops").tolist()
     )
-    with pytest.raises(GenerationError, match=r"decode_kernels must be None, True, False or 'ops', got 'fused'"):
+    with pytest.raises(
+        GenerationError, match=r"decode_kernels must be None, True, False, 'ops' or 'native', got 'fused'"
+    ):
         net.generate(ids, max_new_tokens=2, decode_kernels="fused")
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_native_step_gives_the_compiled_steps_bits(ms_cpu, graph_mode, compute):
+    """The native step (the layer kernels called through ctypes, no graph executor) gives the compiled lean
+    step's logits and caches bit for bit over a prefill and decode steps of a left-padded batch, and its
+    tokens through generate; it follows a parameter that got new memory, and refuses what it cannot run."""
+    import msbnb_pass as mb
+    from msbnb_pass.models.generation import CachedDecoder, _slots
+    from msbnb_pass.models.native_step import NativeStep
+
+    if not decode_ops.available():
+        pytest.skip("kernel library not built")
+    net = mb.quantize(
+        LlamaForCausalLM(LlamaConfig(**TINY)),
+        mb.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+        ),
+    ).net
+    s, p = 64, 5
+    compiled = CachedDecoder(net, 2, s, lean=True)
+    native = NativeStep(compiled)
+    ids = np.array([[0, 0, 7, 8, 9], [11, 12, 13, 14, 15]], np.int32)
+    real = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
+    positions = np.maximum(np.cumsum(real, 1) - 1, 0).astype(np.int32)
+    visible = np.zeros((2, s), bool)
+    visible[:, :p] = real
+    mask = np.where(visible[:, None, :] & np.tril(np.ones((p, s), bool))[None], 0.0, -1e30).astype(np.float32)
+    args = (ids, positions, mask, _slots(2, compiled.n_kv, 0, p))
+    for step in range(4):
+        a = compiled(*(ms.Tensor(v) for v in args)).asnumpy()
+        b = native(*args)
+        assert b.shape == (2, 96) and np.array_equal(a, b), step
+        for i in range(compiled.n_layers):
+            assert np.array_equal(compiled.k_cache[i].asnumpy(), native._k[i])
+            assert np.array_equal(compiled.v_cache[i].asnumpy(), native._v[i])
+        slot = p + step
+        visible[:, slot] = True
+        mask1 = np.where(visible[:, None, :], 0.0, -1e30).astype(np.float32)
+        args = (
+            a.argmax(-1).astype(np.int32)[:, None],
+            (positions[:, -1:] + step + 1).astype(np.int32),
+            mask1,
+            _slots(2, compiled.n_kv, slot, 1),
+        )
+    assert np.abs(native._k[1][:, :, : p + 3]).min(axis=-1).max() > 0  # the cache writes landed
+    kw = dict(attention_mask=real.astype(np.int32), max_new_tokens=6)
+    lean = net.generate(ids, **kw)
+    assert net.generate(ids, decode_kernels="native", **kw).tolist() == lean.tolist()
+    sampled = dict(do_sample=True, temperature=0.8, top_k=20, seed=3)
+    assert (
+        net.generate(ids, decode_kernels="native", **kw, **sampled).tolist()
+        == net.generate(ids, **kw, **sampled).tolist()
+    )
+    # a parameter given new memory (set_data, as load_param_into_net does) is read from there
+    down = net.model.layers[1].mlp.down_proj.weight
+    down.set_data(ms.Tensor(down.asnumpy()[::-1].copy()))
+    changed = net.generate(ids, **kw)
+    assert changed.tolist() != lean.tolist()
+    assert net.generate(ids, decode_kernels="native", **kw).tolist() == changed.tolist()
+    # what it cannot run
+    with pytest.raises(
+        GenerationError, match=r"decode_kernels='native': the native decode step needs every projection"
+    ):
+        LlamaForCausalLM(LlamaConfig(**TINY)).generate(ids, max_new_tokens=2, decode_kernels="native")
+    with pytest.raises(GenerationError, match=r"not quantized_head='int8'"):
+        net.generate(ids, max_new_tokens=2, decode_kernels="native", quantized_head="int8")
 
 
 def test_lean_step_runs_separate_cells_it_cannot_fuse(ms_cpu, graph_mode):
@@ -300,6 +369,7 @@ def test_smollm2_4bit_greedy_tokens_equal_the_fp32_twins_and_answer_paris(graph_
     native = net.generate(prompt, max_new_tokens=32)
     answer = info.tokenizer.decode(native[0, prompt.shape[1] :].tolist())
     assert "Paris" in answer, answer
+    assert net.generate(prompt, max_new_tokens=32, decode_kernels="native").tolist() == native.tolist()
     mb.dequantize_model(net)
     assert not any(isinstance(c, mb.Linear4bit) for _, c in net.cells_and_names())
     twin = net.generate(prompt, max_new_tokens=32)
@@ -313,6 +383,8 @@ def test_cli_generate_refuses_bad_arguments(capsys):
     assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
     assert main(["generate", "missing.gguf", "--prompt", "hi"]) == 2
     assert "missing.gguf" in capsys.readouterr().err
+    assert main(["generate", "x.gguf", "--prompt", "hi", "--native", "--plain-decode"]) == 2
+    assert "--native and --plain-decode exclude each other" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # ~30 s (load + two graph compiles); the generate path itself is covered by the SmolLM2 test above
@@ -321,7 +393,7 @@ def test_cli_generate_streams_smollm2s_answer(capsys):
 
     gguf_file = _smollm2()
     argv = ["generate", str(gguf_file), "--prompt", "What is the capital of France?", "--chat"]
-    assert main([*argv, "--max-new-tokens", "8", "--no-warmup"]) == 0
+    assert main([*argv, "--max-new-tokens", "8", "--no-warmup", "--native"]) == 0
     out = capsys.readouterr()
     assert "Paris" in out.out
     assert "prefill: " in out.err and "tokens/s" in out.err and "decode: 7 tokens" in out.err
