@@ -107,8 +107,18 @@ def isa(request):
 
 ALL_ISAS = ["avx512", "avx2", "portable"]
 # M = 1 (fused small-M path), M = 6 (panel GEMM), K > 1024 (several panels), unaligned K, and K = 576 = 4.5 x 128
-# (SmolLM2's hidden size: the nibble-plane path with a last half chunk) at M = 1 and 4
-ISA_SHAPES = [(40, 256, (1,)), (24, 130, (6,)), (20, 2304, (5,)), (33, 70, (2,)), (24, 576, (1,)), (12, 576, (4,))]
+# (SmolLM2's hidden size: the nibble-plane path with a last half chunk, rows in pairs) at M = 1 and 4, with rows
+# left over after the last whole group of pairs (21 rows at M = 1: groups of 8; K = 192, 13 rows at M = 3)
+ISA_SHAPES = [
+    (40, 256, (1,)),
+    (24, 130, (6,)),
+    (20, 2304, (5,)),
+    (33, 70, (2,)),
+    (24, 576, (1,)),
+    (12, 576, (4,)),
+    (21, 576, (1,)),
+    (13, 192, (3,)),
+]
 
 
 @needs_lib

@@ -2,6 +2,8 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi,bmi2,popcnt")
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "msbnb.h"
 
 namespace msbnb {
@@ -312,11 +314,104 @@ void planes_rows(const float *xp, const W4 &w, int64_t n0, int64_t n1, const flo
   }
 }
 
-template <int M, int R>
-void planes(const float *xp, const W4 &w, const float *bias, float *y) {
-  const int64_t per_task = gemv_rows_per_task(w.N, w.K, R, 16);
+// Rows [n, n + 2P) of y = x @ W^T + bias when K % 128 == 64 (blocks of 32 or 64), as P pairs of rows. A pair's
+// packed bytes are contiguous, so it is one stream of 2K / 128 whole chunks: the chunk in the middle holds the
+// first row's last 64 weights in lanes 0-7 and the second row's first 64 in lanes 8-15, and its products go to
+// each row's sums under a lane mask; x2p is concat(x, x) permuted per chunk as in planes_rows, and the pair's
+// block scales (and offsets) are contiguous too. planes_rows decodes such a row's last 64 weights 16 codes at a
+// time instead, which made 576-wide rows (SmolLM2's) cost 1.25x the time per weight of 512- or 640-wide ones
+// (one thread, weights in L2: 576 x 1536 57 us, 512 x 1536 40 us). Summation order per lane: the row's chunks
+// in order, so the result does not depend on how rows are split among threads (tasks are whole groups).
+template <int M, int P, bool ASYM>
+void pair_rows(const float *x2p, const W4 &w, int64_t n, const float *bias, float *y) {
+  const int64_t K = w.K, bs = w.bs, bpr = K / bs, half = K / 128, pchunks = 2 * half + 1, K2 = 2 * K;
+  const __m512 lut = _mm512_loadu_ps(w.code);
+  float *scales = static_cast<float *>(scratch(0, sizeof(float) * (size_t)(2 * P * bpr + 16)));
+  block_scales(w, n * bpr, 2 * P * bpr, scales);
+  const float *offs = ASYM ? w.block_offset + n * bpr : nullptr;
+  const uint8_t *base = w.packed + n * (K / 2);
+  const int64_t group_bytes = 2 * P * (K / 2);
+  __m512 acc[M][2 * P];
+  for (int i = 0; i < M; ++i)
+    for (int r = 0; r < 2 * P; ++r) acc[i][r] = _mm512_setzero_ps();
+  // mode 0: the first row's chunks, 1: the chunk shared by both rows, 2: the second row's chunks
+  auto chunk = [&](int64_t c, auto mode) {
+    constexpr int kMode = decltype(mode)::value;
+    __m512i v[P];
+    for (int p = 0; p < P; ++p) {
+      const uint8_t *line = base + p * K + c * 64;  // pair p starts 2p rows of K / 2 bytes in
+      prefetch_next_group(line, group_bytes);
+      v[p] = _mm512_loadu_si512(line);
+    }
+    const float *xc = x2p + c * 128;
+    auto add = [&](int i, int p, __m512 a, __m512 b) {  // acc += a * b into the pair's row(s)
+      if (kMode == 0) acc[i][2 * p] = _mm512_fmadd_ps(a, b, acc[i][2 * p]);
+      if (kMode == 2) acc[i][2 * p + 1] = _mm512_fmadd_ps(a, b, acc[i][2 * p + 1]);
+      if (kMode == 1) {
+        acc[i][2 * p] = _mm512_mask3_fmadd_ps(a, b, acc[i][2 * p], (__mmask16)0x00FF);
+        acc[i][2 * p + 1] = _mm512_mask3_fmadd_ps(a, b, acc[i][2 * p + 1], (__mmask16)0xFF00);
+      }
+    };
+    if (ASYM) {
+      __m512 sv[P], ov[P];
+      for (int p = 0; p < P; ++p) {
+        sv[p] = chunk_lanes(scales + 2 * p * bpr, c, bs, 0);
+        ov[p] = chunk_lanes(offs + 2 * p * bpr, c, bs, 0);
+      }
+      for (int s = 0; s < 8; ++s) {
+        __m512 xv[M];
+        for (int i = 0; i < M; ++i) xv[i] = _mm512_loadu_ps(xc + i * K2 + s * 16);
+        for (int p = 0; p < P; ++p) {
+          const __m512 code = _mm512_permutexvar_ps(_mm512_srli_epi32(v[p], 4 * s), lut);
+          const __m512 wv = _mm512_add_ps(_mm512_mul_ps(code, sv[p]), ov[p]);
+          for (int i = 0; i < M; ++i) add(i, p, wv, xv[i]);
+        }
+      }
+      return;
+    }
+    __m512 part[M][P];
+    for (int i = 0; i < M; ++i)
+      for (int p = 0; p < P; ++p) part[i][p] = _mm512_setzero_ps();
+    for (int s = 0; s < 8; ++s) {
+      __m512 xv[M];
+      for (int i = 0; i < M; ++i) xv[i] = _mm512_loadu_ps(xc + i * K2 + s * 16);
+      for (int p = 0; p < P; ++p) {
+        const __m512 wv = _mm512_permutexvar_ps(_mm512_srli_epi32(v[p], 4 * s), lut);
+        for (int i = 0; i < M; ++i) part[i][p] = _mm512_fmadd_ps(wv, xv[i], part[i][p]);
+      }
+    }
+    for (int p = 0; p < P; ++p) {
+      const __m512 sv = chunk_lanes(scales + 2 * p * bpr, c, bs, 0);
+      for (int i = 0; i < M; ++i) add(i, p, part[i][p], sv);
+    }
+  };
+  for (int64_t c = 0; c < half; ++c) chunk(c, std::integral_constant<int, 0>());
+  chunk(half, std::integral_constant<int, 1>());
+  for (int64_t c = half + 1; c < pchunks; ++c) chunk(c, std::integral_constant<int, 2>());
+  for (int i = 0; i < M; ++i)
+    for (int r = 0; r < 2 * P; ++r)
+      y[i * w.N + n + r] = _mm512_reduce_add_ps(acc[i][r]) + (bias ? bias[n + r] : 0.f);
+}
+
+// y = x @ W^T + bias over tasks of whole row groups: R rows (planes_rows) or, when K % 128 == 64, 2P rows
+// (pair_rows; the last group of a task, shorter, by planes_rows).
+template <int M, int R, int P>
+void planes(const float *xp, const float *x2p, const W4 &w, const float *bias, float *y) {
+  const bool pairs = x2p != nullptr;
+  const int64_t unit = pairs ? 2 * P : R;
+  const int64_t per_task = gemv_rows_per_task(w.N, w.K, unit, 16);
   parallel_tasks(ceil_div(w.N, per_task), [&](int64_t t) {
-    const int64_t n0 = t * per_task, n1 = imin(w.N, n0 + per_task);
+    int64_t n0 = t * per_task;
+    const int64_t n1 = imin(w.N, n0 + per_task);
+    if (pairs) {
+      for (; n0 + 2 * P <= n1; n0 += 2 * P) {
+        if (w.block_offset)
+          pair_rows<M, P, true>(x2p, w, n0, bias, y);
+        else
+          pair_rows<M, P, false>(x2p, w, n0, bias, y);
+      }
+      if (n0 == n1) return;
+    }
     if (w.block_offset)
       planes_rows<M, R, true>(xp, w, n0, n1, bias, y);
     else
@@ -948,11 +1043,23 @@ bool fast_linear4bit(const float *x, int64_t M, const W4 &w, const float *bias, 
         for (int j = 0; j < 16; ++j) xp[m * K + c + s * 16 + j] = x[m * K + c + 8 * j + kPlanePos[s]];
     for (int64_t k = tail0; k < K; ++k) xp[m * K + k] = x[m * K + k];
   }
+  float *x2p = nullptr;  // pairs of rows (pair_rows) when rows end in a half chunk
+  if (tail0 != K) {
+    x2p = static_cast<float *>(scratch(3, sizeof(float) * (size_t)(2 * M * K)));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t c = 0; c < 2 * K; c += 128)
+        for (int s = 0; s < 8; ++s)
+          for (int j = 0; j < 16; ++j) {
+            const int64_t k = c + 8 * j + kPlanePos[s];
+            x2p[m * 2 * K + c + s * 16 + j] = x[m * K + (k < K ? k : k - K)];
+          }
+  }
+  // pair_rows keeps four independent chains of partial sums: four pairs at M = 1, two at M = 2
   switch (M) {
-    case 1: planes<1, 4>(xp, w, bias, y); break;
-    case 2: planes<2, 4>(xp, w, bias, y); break;
-    case 3: planes<3, 2>(xp, w, bias, y); break;
-    default: planes<4, 2>(xp, w, bias, y); break;
+    case 1: planes<1, 4, 4>(xp, x2p, w, bias, y); break;
+    case 2: planes<2, 4, 2>(xp, x2p, w, bias, y); break;
+    case 3: planes<3, 2, 1>(xp, x2p, w, bias, y); break;
+    default: planes<4, 2, 1>(xp, x2p, w, bias, y); break;
   }
   return true;
 }
