@@ -9,8 +9,8 @@ per step shape, so a step costs a few microseconds per call outside the kernels.
 
 It computes exactly what the compiled lean step computes: the same kernels, in the same order, on the same
 inputs (the network's own parameters, read in place through zero-copy numpy views), so the same bits; the
-tests compare the two. It owns its KV caches (numpy arrays) and needs a decoder whose layers are one
-kernel each (every projection 4-bit: :class:`~msbnb_pass.models.generation.CachedDecoder` with ``fused``).
+tests compare the two. It writes the decoder's cache Parameters in place (no second copy of the caches)
+and needs a decoder whose layers are one kernel each (every projection 4-bit: :class:`~msbnb_pass.models.generation.CachedDecoder` with ``fused``).
 """
 
 from __future__ import annotations
@@ -58,6 +58,12 @@ class _Call:
         self.shapes = (i64p * n)(*[ctypes.cast(d, i64p) for d in self._dims])
         self.dtypes = (ctypes.c_char_p * n)(*[str(a.dtype).encode() for a in arrays])
 
+    def set(self, i: int, array: np.ndarray) -> None:
+        """Replace argument i by an array of the same shape and dtype (another buffer)."""
+        assert array.shape == self.arrays[i].shape and array.dtype == self.arrays[i].dtype
+        self.arrays[i] = array
+        self.params[i] = array.ctypes.data
+
     def run(self, fn: _KernelFn, what: str, error: Any) -> None:
         rc = fn(self.n, self.params, self.ndims, self.shapes, self.dtypes, None, None)
         if rc:
@@ -67,7 +73,7 @@ class _Call:
 
 class NativeStep:
     """``step(ids [B,T], positions [B,T], mask [B,T,S], slots [B,KV,T,3]) -> logits [B, vocab]`` (numpy), the
-    compiled lean decoder's step run through ctypes. ``reset()`` clears the caches (a new sequence)."""
+    compiled lean decoder's step run through ctypes, on the decoder's caches. ``reset()`` clears them."""
 
     def __init__(self, dec: Any):
         lib = _lib.load()
@@ -134,18 +140,32 @@ class NativeStep:
             self._head = [_view(t, "lm_head", src) for t in w4_args(lm.lm_head)]
             self._head_fn = lib.MsbnbLinear4bitMulti
         self._vocab = int(self._head[0].shape[0]) if dec.head_kind != "w4" else int(lm.lm_head.out_features)
-        shape = (self.batch, self.n_kv, self.max_len, self.head_dim)
-        self._k = [np.zeros(shape, np.float32) for _ in range(self.n_layers)]
-        self._v = [np.zeros(shape, np.float32) for _ in range(self.n_layers)]
+        self._dec = dec
         self._plans: dict[int, dict[str, Any]] = {}
+        self._bind_caches()
 
     def current(self) -> bool:
         """Whether every tensor read in place still has the memory it had when this step was built (a
         ``set_data``, e.g. ``load_param_into_net``, gives a parameter new memory: the step must be rebuilt)."""
         return all(t.data_ptr() == addr for t, addr in self._sources)
 
+    def _bind_caches(self) -> None:
+        """Use the decoder's cache Parameters as this step's caches (their host memory, written in place: no
+        second copy), and point the built argument arrays at them."""
+        src: list[tuple[Tensor, int]] = []
+        self._k = [_view(c, f"k_cache.{i}", src) for i, c in enumerate(self._dec.k_cache)]
+        self._v = [_view(c, f"v_cache.{i}", src) for i, c in enumerate(self._dec.v_cache)]
+        self._cache_sources = src
+        for plan in self._plans.values():
+            for i, call in enumerate(plan["calls"]):
+                call.set(5, self._k[i])
+                call.set(6, self._v[i])
+
     def reset(self) -> None:
-        """Clear the caches for a new batch of sequences."""
+        """Clear the caches for a new batch of sequences (after rebinding them if the decoder gave its cache
+        Parameters new memory, as it does when it is reused)."""
+        if not all(t.data_ptr() == addr for t, addr in self._cache_sources):
+            self._bind_caches()
         for c in self._k + self._v:
             c.fill(0.0)
 

@@ -206,7 +206,7 @@ def test_native_step_gives_the_compiled_steps_bits(ms_cpu, graph_mode, compute):
     ).net
     s, p = 64, 5
     compiled = CachedDecoder(net, 2, s, lean=True)
-    native = NativeStep(compiled)
+    native = NativeStep(CachedDecoder(net, 2, s, lean=True))  # its own decoder's caches
     ids = np.array([[0, 0, 7, 8, 9], [11, 12, 13, 14, 15]], np.int32)
     real = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
     positions = np.maximum(np.cumsum(real, 1) - 1, 0).astype(np.int32)
