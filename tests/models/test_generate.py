@@ -254,6 +254,28 @@ def test_native_step_gives_the_compiled_steps_bits(ms_cpu, graph_mode, compute):
         net.generate(ids, max_new_tokens=2, decode_kernels="native", quantized_head="int8")
 
 
+def test_native_step_with_a_4bit_embedding_and_head(ms_cpu, graph_mode):
+    """An untied model with its embedding (Embedding4bit, run as its cell) and head (Linear4bit, the fused 4-bit
+    kernel) quantized: the native step gives the compiled step's tokens."""
+    import msbnb_pass as mb
+
+    if not decode_ops.available():
+        pytest.skip("kernel library not built")
+    cfg = mb.QuantConfig(
+        bits=4,
+        quant_type="nf4",
+        group_size=64,
+        compress_statistics=True,
+        quantize_embeddings=True,
+        quantize_lm_head=True,
+    )
+    net = mb.quantize(LlamaForCausalLM(LlamaConfig(**dict(TINY, tie_word_embeddings=False))), cfg).net
+    assert (type(net.model.embed_tokens).__name__, type(net.lm_head).__name__) == ("Embedding4bit", "Linear4bit")
+    ids = np.array([[0, 0, 7, 8, 9], [11, 12, 13, 14, 15]], np.int32)
+    kw = dict(attention_mask=np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], np.int32), max_new_tokens=6)
+    assert net.generate(ids, decode_kernels="native", **kw).tolist() == net.generate(ids, **kw).tolist()
+
+
 def test_lean_step_runs_separate_cells_it_cannot_fuse(ms_cpu, graph_mode):
     """int8 layers (no fused kernel) run one by one inside the lean step: still the plain step's tokens."""
     import msbnb_pass as mb
