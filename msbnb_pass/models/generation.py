@@ -82,6 +82,8 @@ class CachedDecoder(nn.Cell):
                 "without a float table; quantize an untied model's embedding (the pass keeps a tied one)"
             )
         self.lm = lm
+        # the tensors this decoder keeps a derived copy of (the head's int8 forms), with their addresses then
+        self._derived_from: list[tuple[Tensor, int]] = []
         self.n_layers = int(cfg.num_hidden_layers)
         self.n_heads = int(cfg.num_attention_heads)
         self.n_kv = int(cfg.num_key_value_heads)
@@ -119,6 +121,14 @@ class CachedDecoder(nn.Cell):
         self.quantized_head = _check_head(quantized_head)
         if quantized_head is not None:
             self.head_q = _int8_head(lm)
+            self._derived_from.append(_head_weight(lm))
+
+    def derived_current(self) -> bool:
+        """Whether the head weights this decoder copied (int8-coded or int8 forms) still have the memory they had:
+        a ``set_data`` (``load_param_into_net``, a reloaded checkpoint) gives them new memory, and the copies
+        would be stale (weights changed in place, e.g. by training the head, are not detected: generate after
+        such training on a new decoder, e.g. by calling ``generate`` on a network whose cells changed)."""
+        return all(t.data_ptr() == addr for t, addr in self._derived_from)
 
     @property
     def compile_phase(self):
@@ -152,6 +162,7 @@ class CachedDecoder(nn.Cell):
             head = lm.model.embed_tokens.weight if lm.tied else lm.lm_head.weight
             q8 = lossless_q8(head.asnumpy())
             if q8 is not None:  # the same float32 weights in a quarter of the bytes: exact, and faster
+                self._derived_from.append((head, head.data_ptr()))
                 self.head_kind = "q8"
                 self.head_q8 = Parameter(Tensor(q8[0]), name="head_q8.codes", requires_grad=False)
                 self.head_q8_scale = Parameter(Tensor(q8[1]), name="head_q8.scales", requires_grad=False)
@@ -373,10 +384,16 @@ def _int8_head(lm: nn.Cell) -> nn.Cell:
             f"quantized_head='int8' needs a float head without bias (a tied embedding or an nn.Dense lm_head), "
             f"got {type(lm.lm_head).__name__}"
         )
-    w = w.asnumpy().astype(np.float32)
+    w = w.asnumpy().astype(np.float32)  # (a copy: the source is recorded by the caller, _head_weight)
     head = Linear8bit(w.shape[1], w.shape[0], bias=False, has_fp16_weights=False, weight=w, layer_name="lm_head")
     head.name_parameters("head_int8.")
     return head
+
+
+def _head_weight(lm: nn.Cell) -> tuple[Tensor, int]:
+    """The float head weight ``_int8_head`` copies, and its address now."""
+    w = lm.model.embed_tokens.weight if lm.tied else lm.lm_head.weight
+    return w, w.data_ptr()
 
 
 def _is_w4(cell: nn.Cell) -> bool:
@@ -502,14 +519,16 @@ def _decoder(
     lm: nn.Cell, batch: int, max_len: int, lean: bool | str | None = None, quantized_head: str | None = None
 ) -> CachedDecoder:
     """The cached decoder for (batch, max_len, lean), reused across calls (and so its compiled graphs) while
-    the network keeps the same cells; a rewritten network (the pass, dequantize_model) gets a new one. At
-    most one decoder per kind of step (lean or plain) is kept."""
+    the network keeps the same cells; a rewritten network (the pass, dequantize_model) gets a new one, and so
+    does a network whose head got new memory (see ``CachedDecoder.derived_current``). At most one decoder
+    per kind of step (lean or plain) is kept."""
     cells = [c for _, c in lm.cells_and_names()]
     holder = lm.__dict__.setdefault("_generation_decoder", [])  # a plain list: not a child cell of the network
     if holder:
         seen = holder[0][1]
         if not (len(seen) == len(cells) and all(a is b for a, b in zip(seen, cells, strict=True))):
             holder.clear()
+    holder[:] = [(d, c) for d, c in holder if d.derived_current()]  # a reloaded head: its copies are stale
     fuse = lean != "ops"
     if lean == "ops":
         lean = True

@@ -306,6 +306,21 @@ def test_opt_in_int8_head(tiny, graph_mode):
         tiny.generate(prompt, quantized_head="int4")
 
 
+def test_a_reloaded_head_replaces_its_int8_copy(ms_cpu, graph_mode):
+    """The decoder keeps int8 copies of the float head; a head given new weights by set_data (as
+    load_param_into_net does) makes generate build a new decoder instead of using the stale copy."""
+    net = LlamaForCausalLM(LlamaConfig(**TINY))
+    prompt = [[3, 1, 4, 1, 5]]
+    before = net.generate(prompt, max_new_tokens=6, quantized_head="int8")
+    head = net.model.embed_tokens.weight if net.tied else net.lm_head.weight
+    head.set_data(ms.Tensor(head.asnumpy()[::-1].copy()))  # the same rows, reversed
+    after = net.generate(prompt, max_new_tokens=6, quantized_head="int8")
+    twin = LlamaForCausalLM(LlamaConfig(**TINY))
+    ms.load_param_into_net(twin, {p.name: ms.Parameter(p.asnumpy().copy(), name=p.name) for p in net.get_parameters()})
+    assert after.tolist() == twin.generate(prompt, max_new_tokens=6, quantized_head="int8").tolist()
+    assert after.tolist() != before.tolist()
+
+
 def test_seeded_sampling_is_reproducible(tiny, graph_mode):
     ids = np.array([[3, 1, 4, 1, 5]], np.int32)
     kw = dict(max_new_tokens=10, do_sample=True, temperature=1.5, top_k=20, top_p=0.95)
