@@ -358,6 +358,7 @@ int main() {
       msbnb_set_num_threads(threads);
       const int64_t shapes[][3] = {{16, 128, 1}, {33, 70, 3},  {8, 256, 5},   {5, 129, 17},
                                    {24, 64, 0}, {3, 33, 2},   {20, 128, 300}, {20, 1088, 1}, {7, 1030, 1},
+                                   {13, 576, 3}, {9, 192, 2},  // rows in pairs (K % 128 == 64), rows left over
                                    {70, 650, 270}};  // the last: several dx panels and row blocks
       for (auto &s : shapes)
         for (int64_t bs : {32, 64, 256})
