@@ -60,11 +60,17 @@ class _Call:
 
     def set(self, i: int, array: np.ndarray) -> None:
         """Replace argument i by an array of the same shape and dtype (another buffer)."""
-        assert array.shape == self.arrays[i].shape and array.dtype == self.arrays[i].dtype
+        old = self.arrays[i]
+        if array.shape != old.shape or array.dtype != old.dtype or not array.flags.c_contiguous:
+            raise NativeStepError(
+                f"native decode step: argument {i} must stay a contiguous {old.dtype} array of shape {old.shape}, "
+                f"got {array.dtype} {array.shape}"
+            )
         self.arrays[i] = array
         self.params[i] = array.ctypes.data
 
     def run(self, fn: _KernelFn, what: str, error: Any) -> None:
+        """Call the entry point; a nonzero return raises with the library's message (``error()``)."""
         rc = fn(self.n, self.params, self.ndims, self.shapes, self.dtypes, None, None)
         if rc:
             msg = error()
