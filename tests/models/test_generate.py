@@ -194,7 +194,7 @@ def test_native_step_gives_the_compiled_steps_bits(ms_cpu, graph_mode, compute):
     tokens through generate; it follows a parameter that got new memory, and refuses what it cannot run."""
     import msbnb_pass as mb
     from msbnb_pass.models.generation import CachedDecoder, _slots
-    from msbnb_pass.models.native_step import NativeStep
+    from msbnb_pass.models.native_step import NativeStep, NativeStepError
 
     if not decode_ops.available():
         pytest.skip("kernel library not built")
@@ -231,6 +231,13 @@ def test_native_step_gives_the_compiled_steps_bits(ms_cpu, graph_mode, compute):
             _slots(2, compiled.n_kv, slot, 1),
         )
     assert np.abs(native._k[1][:, :, : p + 3]).min(axis=-1).max() > 0  # the cache writes landed
+    # a kernel's refusal and a shape mismatch are errors that say where
+    bad = _slots(2, compiled.n_kv, 0, 1)
+    bad[0, 0, 0, 2] = s
+    with pytest.raises(NativeStepError, match=r"layer 0: MsbnbDecodeLayer4bit: slot \(0, 0, 64\) is outside the cache"):
+        native(args[0], args[1], args[2], bad)
+    with pytest.raises(NativeStepError, match=r"do not match the decoder's batch 2, 2 kv heads and 64 cache slots"):
+        native(args[0], args[1], args[2][:, :, :32], args[3])
     kw = dict(attention_mask=real.astype(np.int32), max_new_tokens=6)
     lean = net.generate(ids, **kw)
     assert net.generate(ids, decode_kernels="native", **kw).tolist() == lean.tolist()
