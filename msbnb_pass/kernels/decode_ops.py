@@ -23,6 +23,7 @@ library is available; ``available()`` says whether it is.
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import mindspore as ms
 from mindspore import ops
@@ -130,9 +131,9 @@ def linear4bit_multi(n_projections: int):
     return ops.Custom(_fn("MsbnbLinear4bitMulti"), out_shape=_linear4bit_multi_shape, out_dtype=_f32, func_type="aot")
 
 
-def w4_args(cell) -> tuple:
-    """The tensors ``linear4bit_multi`` (and the decoder-layer kernel) take for one ``Linear4bit`` layer, in
-    their order."""
+def w4_args(cell: Any) -> tuple:
+    """The tensors ``linear4bit_multi`` (and the decoder-layer kernel) take for one ``Linear4bit`` layer (typed
+    loosely: this layer sits below ``msbnb_pass.nn``), in their order."""
     return (
         cell.weight,
         cell.weight_absmax,

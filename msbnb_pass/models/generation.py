@@ -121,13 +121,13 @@ class CachedDecoder(nn.Cell):
         self.quantized_head = _check_head(quantized_head)
         if quantized_head is not None:
             self.head_q = _int8_head(lm)
-            self._derived_from.append(_head_weight(lm))
+            source = lm.model.embed_tokens.weight if lm.tied else lm.lm_head.weight
+            self._derived_from.append((source, source.data_ptr()))
 
     def derived_current(self) -> bool:
-        """Whether the head weights this decoder copied (int8-coded or int8 forms) still have the memory they had:
-        a ``set_data`` (``load_param_into_net``, a reloaded checkpoint) gives them new memory, and the copies
-        would be stale (weights changed in place, e.g. by training the head, are not detected: generate after
-        such training on a new decoder, e.g. by calling ``generate`` on a network whose cells changed)."""
+        """Whether the head weights this decoder copied (int8-coded or int8 forms) still have the memory they had.
+        A ``set_data`` (``load_param_into_net``, a reloaded checkpoint) gives them new memory and makes the copies
+        stale; weights changed in place (training the head inside a graph) keep their memory and are not seen."""
         return all(t.data_ptr() == addr for t, addr in self._derived_from)
 
     @property
@@ -384,16 +384,10 @@ def _int8_head(lm: nn.Cell) -> nn.Cell:
             f"quantized_head='int8' needs a float head without bias (a tied embedding or an nn.Dense lm_head), "
             f"got {type(lm.lm_head).__name__}"
         )
-    w = w.asnumpy().astype(np.float32)  # (a copy: the source is recorded by the caller, _head_weight)
+    w = w.asnumpy().astype(np.float32)
     head = Linear8bit(w.shape[1], w.shape[0], bias=False, has_fp16_weights=False, weight=w, layer_name="lm_head")
     head.name_parameters("head_int8.")
     return head
-
-
-def _head_weight(lm: nn.Cell) -> tuple[Tensor, int]:
-    """The float head weight ``_int8_head`` copies, and its address now."""
-    w = lm.model.embed_tokens.weight if lm.tied else lm.lm_head.weight
-    return w, w.data_ptr()
 
 
 def _is_w4(cell: nn.Cell) -> bool:

@@ -319,9 +319,11 @@ void planes_rows(const float *xp, const W4 &w, int64_t n0, int64_t n1, const flo
 // first row's last 64 weights in lanes 0-7 and the second row's first 64 in lanes 8-15, and its products go to
 // each row's sums under a lane mask; x2p is concat(x, x) permuted per chunk as in planes_rows, and the pair's
 // block scales (and offsets) are contiguous too. planes_rows decodes such a row's last 64 weights 16 codes at a
-// time instead, which made 576-wide rows (SmolLM2's) cost 1.25x the time per weight of 512- or 640-wide ones
-// (one thread, weights in L2: 576 x 1536 57 us, 512 x 1536 40 us). Summation order per lane: the row's chunks
-// in order, so the result does not depend on how rows are split among threads (tasks are whole groups).
+// time instead. Measured on the Intel VM (576-wide rows, SmolLM2's): one thread with the weights in L2 about the
+// same (576 x 1536: 52-56 us either way), two threads streaming 576 x 1536 42.0 -> 36.5 us (one run), the
+// native SmolLM2 decode step 8.56 / 8.45 / 8.46 -> 8.32 / 8.36 / 7.57 ms (alternating processes). Summation
+// order per lane: the row's chunks in order, so the result does not depend on how rows are split among threads
+// (tasks are whole groups).
 template <int M, int P, bool ASYM>
 void pair_rows(const float *x2p, const W4 &w, int64_t n, const float *bias, float *y) {
   const int64_t K = w.K, bs = w.bs, bpr = K / bs, half = K / 128, pchunks = 2 * half + 1, K2 = 2 * K;
