@@ -128,6 +128,16 @@ def test_lean_step_fuses_the_projections_and_gives_the_plain_steps_tokens(ms_cpu
         assert f"model.layers.1.{path}.weight" in store  # one tensor per projection, as loaded
 
 
+def _nf4_tiny(compute: str):
+    """The tiny model quantized to NF4 + double quantization with the given compute dtype."""
+    import msbnb_pass as mb
+
+    cfg = mb.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
+    return mb.quantize(LlamaForCausalLM(LlamaConfig(**TINY)), cfg).net
+
+
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])
 def test_one_launch_per_layer_gives_the_per_op_steps_bits(ms_cpu, graph_mode, compute):
     """All-4-bit decoders (float32 or bfloat16 compute) run each layer as one kernel (MsbnbDecodeLayer4bit): its
@@ -139,12 +149,7 @@ def test_one_launch_per_layer_gives_the_per_op_steps_bits(ms_cpu, graph_mode, co
 
     if not decode_ops.available():
         pytest.skip("kernel library not built")
-    net = mb.quantize(
-        LlamaForCausalLM(LlamaConfig(**TINY)),
-        mb.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
-        ),
-    ).net
+    net = _nf4_tiny(compute)
     assert net.model.layers[0].mlp.down_proj.compute_dtype_name == compute
     s, p = 64, 5
     fused = CachedDecoder(net, 2, s, lean=True)
@@ -192,18 +197,12 @@ def test_native_step_gives_the_compiled_steps_bits(ms_cpu, graph_mode, compute):
     """The native step (the layer kernels called through ctypes, no graph executor) gives the compiled lean
     step's logits and caches bit for bit over a prefill and decode steps of a left-padded batch, and its
     tokens through generate; it follows a parameter that got new memory, and refuses what it cannot run."""
-    import msbnb_pass as mb
     from msbnb_pass.models.generation import CachedDecoder, _slots
     from msbnb_pass.models.native_step import NativeStep, NativeStepError
 
     if not decode_ops.available():
         pytest.skip("kernel library not built")
-    net = mb.quantize(
-        LlamaForCausalLM(LlamaConfig(**TINY)),
-        mb.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
-        ),
-    ).net
+    net = _nf4_tiny(compute)
     s, p = 64, 5
     compiled = CachedDecoder(net, 2, s, lean=True)
     native = NativeStep(CachedDecoder(net, 2, s, lean=True))  # its own decoder's caches
