@@ -236,6 +236,40 @@ inline __m512 chunk_lanes(const float *v, int64_t c, int64_t bs, int chunk_shift
   return _mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(_mm_loadu_ps(v + 4 * c)));
 }
 
+// One 128-weight chunk of N vectors of packed codes v (plane order, see kPlanePos) against M rows of permuted x
+// (xc, row stride ldx): add(i, r, a, b) accumulates a * b for row i of x and vector r. Symmetric codes: the
+// 8 planes' products are summed unscaled, then added times the lanes' block scales sv[r]; asymmetric: each
+// weight is decoded as fl(fl(code * sv[r]) + ov[r]) (the oracle's rounding) before its product.
+template <int M, int N, bool ASYM, class Add>
+inline void plane_chunk(const __m512i *v, __m512 lut, const float *xc, int64_t ldx, const __m512 *sv,
+                        const __m512 *ov, Add add) {
+  if (ASYM) {
+    for (int s = 0; s < 8; ++s) {
+      __m512 xv[M];
+      for (int i = 0; i < M; ++i) xv[i] = _mm512_loadu_ps(xc + i * ldx + s * 16);
+      for (int r = 0; r < N; ++r) {
+        const __m512 code = _mm512_permutexvar_ps(_mm512_srli_epi32(v[r], 4 * s), lut);
+        const __m512 wv = _mm512_add_ps(_mm512_mul_ps(code, sv[r]), ov[r]);
+        for (int i = 0; i < M; ++i) add(i, r, wv, xv[i]);
+      }
+    }
+    return;
+  }
+  __m512 part[M][N];
+  for (int i = 0; i < M; ++i)
+    for (int r = 0; r < N; ++r) part[i][r] = _mm512_setzero_ps();
+  for (int s = 0; s < 8; ++s) {
+    __m512 xv[M];
+    for (int i = 0; i < M; ++i) xv[i] = _mm512_loadu_ps(xc + i * ldx + s * 16);
+    for (int r = 0; r < N; ++r) {
+      const __m512 wv = _mm512_permutexvar_ps(_mm512_srli_epi32(v[r], 4 * s), lut);
+      for (int i = 0; i < M; ++i) part[i][r] = _mm512_fmadd_ps(wv, xv[i], part[i][r]);
+    }
+  }
+  for (int r = 0; r < N; ++r)
+    for (int i = 0; i < M; ++i) add(i, r, part[i][r], sv[r]);
+}
+
 // Rows [n0, n1) of y = x @ W^T + bias. Symmetric codes: the unscaled code table is decoded, each chunk's
 // partial sums are multiplied by the block scale. Asymmetric (block_offset): every weight is decoded exactly
 // as the oracle does, fl(fl(code * scale) + offset), before its product. A last half chunk (K % 128 == 64,
@@ -264,39 +298,14 @@ void planes_rows(const float *xp, const W4 &w, int64_t n0, int64_t n1, const flo
         prefetch_next_group(rows[r] + c * 64, R * (K / 2));
         v[r] = _mm512_loadu_si512(rows[r] + c * 64);
       }
-      const float *xc = xp + c * 128;
-      if (ASYM) {
-        __m512 sv[R], ov[R];
-        for (int r = 0; r < R; ++r) {
-          sv[r] = chunk_lanes(scales + r * bpr, c, bs, chunk_shift);
-          ov[r] = chunk_lanes(offs[r], c, bs, chunk_shift);
-        }
-        for (int s = 0; s < 8; ++s) {
-          __m512 xv[M];
-          for (int i = 0; i < M; ++i) xv[i] = _mm512_loadu_ps(xc + i * K + s * 16);
-          for (int r = 0; r < R; ++r) {
-            const __m512 code = _mm512_permutexvar_ps(_mm512_srli_epi32(v[r], 4 * s), lut);
-            const __m512 wv = _mm512_add_ps(_mm512_mul_ps(code, sv[r]), ov[r]);
-            for (int i = 0; i < M; ++i) acc[i][r] = _mm512_fmadd_ps(wv, xv[i], acc[i][r]);
-          }
-        }
-        continue;
-      }
-      __m512 part[M][R];
-      for (int i = 0; i < M; ++i)
-        for (int r = 0; r < R; ++r) part[i][r] = _mm512_setzero_ps();
-      for (int s = 0; s < 8; ++s) {
-        __m512 xv[M];
-        for (int i = 0; i < M; ++i) xv[i] = _mm512_loadu_ps(xc + i * K + s * 16);
-        for (int r = 0; r < R; ++r) {
-          const __m512 wv = _mm512_permutexvar_ps(_mm512_srli_epi32(v[r], 4 * s), lut);
-          for (int i = 0; i < M; ++i) part[i][r] = _mm512_fmadd_ps(wv, xv[i], part[i][r]);
-        }
-      }
+      __m512 sv[R], ov[R];
       for (int r = 0; r < R; ++r) {
-        const __m512 sv = chunk_lanes(scales + r * bpr, c, bs, chunk_shift);
-        for (int i = 0; i < M; ++i) acc[i][r] = _mm512_fmadd_ps(part[i][r], sv, acc[i][r]);
+        sv[r] = chunk_lanes(scales + r * bpr, c, bs, chunk_shift);
+        if (ASYM) ov[r] = chunk_lanes(offs[r], c, bs, chunk_shift);
       }
+      plane_chunk<M, R, ASYM>(v, lut, xp + c * 128, K, sv, ov, [&](int i, int r, __m512 a, __m512 b) {
+        acc[i][r] = _mm512_fmadd_ps(a, b, acc[i][r]);
+      });
     }
     for (int64_t k = tail0; k < K; k += 16) {  // the half chunk: blocks of 32 or 64 only
       const int64_t b = k / bs;
@@ -345,7 +354,6 @@ void pair_rows(const float *x2p, const W4 &w, int64_t n, const float *bias, floa
       prefetch_next_group(line, group_bytes);
       v[p] = _mm512_loadu_si512(line);
     }
-    const float *xc = x2p + c * 128;
     auto add = [&](int i, int p, __m512 a, __m512 b) {  // acc += a * b into the pair's row(s)
       if (kMode == 0) acc[i][2 * p] = _mm512_fmadd_ps(a, b, acc[i][2 * p]);
       if (kMode == 2) acc[i][2 * p + 1] = _mm512_fmadd_ps(a, b, acc[i][2 * p + 1]);
@@ -354,38 +362,12 @@ void pair_rows(const float *x2p, const W4 &w, int64_t n, const float *bias, floa
         acc[i][2 * p + 1] = _mm512_mask3_fmadd_ps(a, b, acc[i][2 * p + 1], (__mmask16)0xFF00);
       }
     };
-    if (ASYM) {
-      __m512 sv[P], ov[P];
-      for (int p = 0; p < P; ++p) {
-        sv[p] = chunk_lanes(scales + 2 * p * bpr, c, bs, 0);
-        ov[p] = chunk_lanes(offs + 2 * p * bpr, c, bs, 0);
-      }
-      for (int s = 0; s < 8; ++s) {
-        __m512 xv[M];
-        for (int i = 0; i < M; ++i) xv[i] = _mm512_loadu_ps(xc + i * K2 + s * 16);
-        for (int p = 0; p < P; ++p) {
-          const __m512 code = _mm512_permutexvar_ps(_mm512_srli_epi32(v[p], 4 * s), lut);
-          const __m512 wv = _mm512_add_ps(_mm512_mul_ps(code, sv[p]), ov[p]);
-          for (int i = 0; i < M; ++i) add(i, p, wv, xv[i]);
-        }
-      }
-      return;
-    }
-    __m512 part[M][P];
-    for (int i = 0; i < M; ++i)
-      for (int p = 0; p < P; ++p) part[i][p] = _mm512_setzero_ps();
-    for (int s = 0; s < 8; ++s) {
-      __m512 xv[M];
-      for (int i = 0; i < M; ++i) xv[i] = _mm512_loadu_ps(xc + i * K2 + s * 16);
-      for (int p = 0; p < P; ++p) {
-        const __m512 wv = _mm512_permutexvar_ps(_mm512_srli_epi32(v[p], 4 * s), lut);
-        for (int i = 0; i < M; ++i) part[i][p] = _mm512_fmadd_ps(wv, xv[i], part[i][p]);
-      }
-    }
+    __m512 sv[P], ov[P];
     for (int p = 0; p < P; ++p) {
-      const __m512 sv = chunk_lanes(scales + 2 * p * bpr, c, bs, 0);
-      for (int i = 0; i < M; ++i) add(i, p, part[i][p], sv);
+      sv[p] = chunk_lanes(scales + 2 * p * bpr, c, bs, 0);
+      if (ASYM) ov[p] = chunk_lanes(offs + 2 * p * bpr, c, bs, 0);
     }
+    plane_chunk<M, P, ASYM>(v, lut, x2p + c * 128, K2, sv, ov, add);
   };
   for (int64_t c = 0; c < half; ++c) chunk(c, std::integral_constant<int, 0>());
   chunk(half, std::integral_constant<int, 1>());
